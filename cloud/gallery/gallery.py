@@ -1,0 +1,243 @@
+"""The gallery: durable enrollment (SQLite) plus one in-memory faiss index per model.
+
+Every write goes to the store first, in one transaction, and reaches the index only after the
+commit, so a failed enrollment leaves no trace and a crash loses at most what the store lost.
+On open, the indexes are rebuilt from the store: there is no index file to get out of step.
+
+One `Gallery` is shared by the gRPC server's worker threads. A single re-entrant lock
+serialises every call: SQLite allows one writer anyway, and a search over an exact flat index
+is short next to the network round trip, so finer locking would buy little.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from .index import EmbeddingIndex, Match, unit_rows
+from .store import (
+    GalleryError,
+    GalleryStore,
+    IdentityRecord,
+    validate_identity,
+    validate_model_id,
+)
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "gallery.sqlite3"
+
+
+class Gallery:
+    """Enrolled identities and nearest-identity search, safe to share between threads."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._store = GalleryStore(self.directory / DB_NAME)
+        self._indexes: dict[str, EmbeddingIndex] = {}
+        try:
+            self._rebuild()
+        except BaseException:
+            self._store.close()
+            raise
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Gallery:
+        """Open (creating if needed) the gallery in `directory`; same as the constructor."""
+        return cls(directory)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; later calls raise GalleryError. Closing twice is harmless."""
+        with self._lock:
+            self._store.close()
+            self._indexes.clear()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._store.closed:
+            raise GalleryError(f"gallery {self.directory} is closed")
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        identity: str,
+        model_id: str,
+        embeddings: np.ndarray,
+        *,
+        replace: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> tuple[int, int]:
+        """Add (n, d) `embeddings` as templates of `identity` for `model_id`.
+
+        Stores L2-normalised float32 copies. With `replace`, the identity's existing templates
+        for this model are dropped first and its metadata is overwritten by `metadata` (None
+        meaning empty); otherwise `metadata` is merged into what is stored. All or nothing.
+        Returns (templates added, templates the identity now holds for this model).
+        Raises InvalidIdentityError for a bad name and ValueError for a bad array (wrong shape,
+        non-finite or all-zero rows, a dimension other than the model's), metadata or sources.
+        """
+        name = validate_identity(identity)
+        validate_model_id(model_id)
+        vectors = unit_rows(embeddings)
+        if len(vectors) == 0:
+            raise ValueError("embeddings must hold at least one row")
+        meta = _check_strings(metadata, "metadata")
+        if sources is not None:
+            sources = list(sources)
+            if len(sources) != len(vectors) or not all(isinstance(s, str) for s in sources):
+                raise ValueError(f"sources must be {len(vectors)} strings, one per embedding row")
+        with self._lock:
+            self._check_open()
+            result = self._store.add_templates(
+                name, model_id, vectors, replace=replace, metadata=meta, sources=sources
+            )
+            self._mirror(model_id, result.removed_ids, result.added_ids, vectors, name)
+        return len(result.added_ids), result.total
+
+    def remove(self, identity: str) -> int:
+        """Remove `identity` and its templates for every model; returns how many templates went.
+
+        Raises UnknownIdentityError if it is not enrolled, InvalidIdentityError for a bad name.
+        """
+        name = validate_identity(identity)
+        with self._lock:
+            self._check_open()
+            removed = self._store.remove_identity(name)
+            for model_id, ids in removed.items():
+                self._mirror(model_id, ids, [], None, name)
+        return sum(len(ids) for ids in removed.values())
+
+    def _mirror(
+        self, model_id: str, removed: list[int], added: list[int], vectors: np.ndarray | None, name: str
+    ) -> None:
+        """Apply a committed store change to the model's index.
+
+        The store has already committed, so this must not leave the two disagreeing: if the
+        index update fails (out of memory, say), the model's index is rebuilt from the store.
+        """
+        try:
+            index = self._indexes.get(model_id)
+            if index is not None and removed:
+                index.remove(removed)
+                if len(index) == 0:  # forget it, so a replace may bring a new dimension
+                    del self._indexes[model_id]
+                    index = None
+            if added and vectors is not None:
+                if index is None:
+                    index = self._indexes[model_id] = EmbeddingIndex(vectors.shape[1])
+                index.add(added, vectors, [name] * len(added))
+        except Exception:
+            log.exception("gallery: index update for model %r failed; rebuilding it from the store", model_id)
+            self._rebuild(model_id)
+
+    def _rebuild(self, model_id: str | None = None) -> None:
+        """Rebuild one model's index (or all of them) from the store."""
+        by_model: dict[str, tuple[list[int], list[np.ndarray], list[str]]] = {}
+        for model, tid, name, vector in self._store.iter_templates(model_id):
+            ids, vecs, names = by_model.setdefault(model, ([], [], []))
+            ids.append(tid)
+            vecs.append(vector)
+            names.append(name)
+        if model_id is None:
+            self._indexes.clear()
+        else:
+            self._indexes.pop(model_id, None)
+        for model, (ids, vecs, names) in by_model.items():
+            index = EmbeddingIndex(len(vecs[0]))
+            index.add(ids, np.stack(vecs), names)
+            self._indexes[model] = index
+        if model_id is None and by_model:
+            log.info(
+                "gallery: loaded %s",
+                ", ".join(f"{len(ix)} templates of model {m!r}" for m, ix in sorted(self._indexes.items())),
+            )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def search(self, model_id: str, queries: np.ndarray, k: int = 5) -> list[list[Match]]:
+        """For each (n, d) query row, the best `k` distinct identities, best first.
+
+        An identity scores the highest cosine similarity among its templates. Each list is empty
+        when the model has no templates. Raises ValueError for a bad array or a dimension other
+        than the model's.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        validate_model_id(model_id)
+        qs = unit_rows(queries, "queries")
+        with self._lock:
+            self._check_open()
+            index = self._indexes.get(model_id)
+            if index is None:
+                return [[] for _ in range(len(qs))]
+            if qs.shape[1] != index.dim:
+                raise ValueError(
+                    f"model {model_id!r} holds {index.dim}-dimensional templates; "
+                    f"got {qs.shape[1]}-dimensional queries"
+                )
+            return index.search(qs, k)
+
+    def dim(self, model_id: str) -> int | None:
+        """The embedding dimension of `model_id`'s templates, or None if it has none."""
+        with self._lock:
+            self._check_open()
+            return self._store.model_dim(model_id)
+
+    def __contains__(self, identity: object) -> bool:
+        if not isinstance(identity, str):
+            return False
+        with self._lock:
+            self._check_open()
+            return self._store.has_identity(identity)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._check_open()
+            return self._store.count_identities()
+
+    # Defined last and annotated with builtins.list: inside the class body, `list` now names
+    # this method, which type checkers would otherwise apply to the annotations after it.
+    def list(self, offset: int = 0, limit: int = 100) -> tuple[builtins.list[IdentityRecord], int]:
+        """A page of identities sorted by name, and the total number of identities.
+
+        `IdentityRecord.templates` counts the identity's templates in the model where it has
+        the most (that is, its enrollment images), not the sum over models.
+        """
+        if offset < 0 or limit < 0:
+            raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        with self._lock:
+            self._check_open()
+            return self._store.list_identities(offset, limit)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._store.closed else f"models={sorted(self._indexes)}"
+        return f"Gallery({str(self.directory)!r}, {state})"
+
+
+def _check_strings(mapping: Mapping[str, str] | None, what: str) -> dict[str, str] | None:
+    if mapping is None:
+        return None
+    out = dict(mapping)
+    bad = next(((k, v) for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{what} must map strings to strings, got {bad[0]!r}: {bad[1]!r}")
+    return out

@@ -1,0 +1,404 @@
+"""`facelink`: one command, with a subcommand for each job.
+
+    facelink demo                              end-to-end on LFW: server + edge on loopback
+    facelink cloud serve --gallery DIR         run the gRPC service
+    facelink cloud enroll NAME PICTURE...      add a person to a running server's gallery
+    facelink edge --source SRC --server ADDR   stream faces from a camera, video, RTSP or folder
+    facelink export manifest PATH              check a model manifest against its weights
+    facelink bench NAME                        run a benchmark from benchmarks/
+
+Every subcommand has --help with examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, main
+
+    return main(
+        DemoOptions(
+            data=args.data,
+            identities=args.identities,
+            probes_per_identity=args.probes,
+            distractors=args.distractors,
+            seed=args.seed,
+            codec=args.codec,
+            quality=args.quality,
+            recognizer=args.recognizer,
+            threshold=args.threshold,
+            json_path=args.json,
+        )
+    )
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="end-to-end demo on LFW: server and edge on loopback, summary table",
+        formatter_class=_FORMATTER,
+        description="""\
+Start the gRPC service on 127.0.0.1 with a fresh gallery in a temporary folder, enroll one
+picture each of N LFW people who have two or more pictures, stream their other pictures and
+pictures of people never enrolled through the edge pipeline, and print:
+rank-1 accuracy on enrolled people, correct rejection of strangers, bytes per face, and
+p50/p95 end-to-end latency.
+
+LFW is looked for in: --data, then $FACELINK_DATA, then ../shared/data/lfw, then the cache
+(~/.cache/facelink/lfw), and downloaded there (official archive, checksum verified) if absent.""",
+        epilog="""\
+examples:
+  facelink demo
+  facelink demo --identities 500 --probes 5 --json benchmarks/results/demo.json
+  facelink demo --codec webp --quality 80
+  facelink demo --recognizer dlib-resnet        # dlib's ResNet instead of MobileFaceNet""",
+    )
+    p.add_argument("--data", help="LFW folder (the one holding pairs.txt, or the image folder)")
+    p.add_argument("--identities", type=int, default=300, help="people enrolled (default 300)")
+    p.add_argument("--probes", type=int, default=3, help="probe pictures per enrolled person (default 3)")
+    p.add_argument("--distractors", type=int, default=300, help="never-enrolled people streamed (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="which people take part (default 0)")
+    p.add_argument("--codec", default="jpeg", help="payload codec: jpeg, webp, png (default jpeg)")
+    p.add_argument("--quality", type=int, default=90, help="codec quality 1-100 (default 90)")
+    p.add_argument("--recognizer", default="auto", help="manifest name or path (default: auto)")
+    p.add_argument("--threshold", type=float, help="match threshold (default: the recogniser manifest's)")
+    p.add_argument("--json", type=Path, help="also write the summary as JSON here")
+    _add_common(p)
+    p.set_defaults(func=_demo)
+
+
+# -- cloud --------------------------------------------------------------------------------------
+def _cloud_serve(args: argparse.Namespace) -> int:
+    from .config import CloudConfig
+    from facelink.cloud.server import serve
+
+    config = CloudConfig(
+        host=args.host,
+        port=args.port,
+        gallery_dir=args.gallery,
+        recognizer=args.recognizer,
+        match_threshold=args.threshold,
+        workers=args.workers,
+    )
+    serve(config)
+    return 0
+
+
+def _channel(address: str):  # noqa: ANN202
+    import grpc
+
+    return grpc.insecure_channel(address)
+
+
+def _rpc(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Run a unary call; a failed one prints its status and message instead of a traceback."""
+    import grpc
+
+    try:
+        return call(*args, timeout=60, **kwargs)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _cloud_enroll(args: argparse.Namespace) -> int:
+    from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
+
+    formats = {".jpg": common_pb2.IMAGE_FORMAT_JPEG, ".jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+               ".png": common_pb2.IMAGE_FORMAT_PNG, ".webp": common_pb2.IMAGE_FORMAT_WEBP}
+    images = []
+    for picture in args.pictures:
+        fmt = formats.get(picture.suffix.lower())
+        if fmt is None:
+            print(f"error: {picture}: not a JPEG, PNG or WebP file", file=sys.stderr)
+            return 2
+        try:
+            data = picture.read_bytes()
+        except OSError as error:
+            print(f"error: cannot read {picture}: {error.strerror}", file=sys.stderr)
+            return 2
+        images.append(gallery_pb2.EnrollImage(image=common_pb2.Image(format=fmt, data=data)))
+    with _channel(args.server) as channel:
+        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).Enroll,
+                     gallery_pb2.EnrollRequest(identity=args.identity, images=images, replace=args.replace))
+    print(f"enrolled {reply.identity!r}: {reply.templates_added} template(s) added, {reply.templates_total} in total")
+    return 0
+
+
+def _cloud_remove(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    with _channel(args.server) as channel:
+        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).RemoveIdentity, gallery_pb2.RemoveIdentityRequest(identity=args.identity))
+    print(f"removed {reply.identity!r} ({reply.templates_removed} templates)")
+    return 0
+
+
+def _cloud_list(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    token = ""
+    with _channel(args.server) as channel:
+        stub = gallery_pb2_grpc.GalleryStub(channel)
+        while True:
+            page = _rpc(stub.ListIdentities, gallery_pb2.ListIdentitiesRequest(page_size=500, page_token=token))
+            for identity in page.identities:
+                print(f"{identity.identity}\t{identity.templates} template(s)")
+            token = page.next_page_token
+            if not token:
+                break
+    print(f"{page.total} identities", file=sys.stderr)
+    return 0
+
+
+def _cloud_capabilities(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from facelink.v1 import recognition_pb2, recognition_pb2_grpc
+
+    with _channel(args.server) as channel:
+        reply = _rpc(recognition_pb2_grpc.RecognitionStub(channel).GetCapabilities, recognition_pb2.GetCapabilitiesRequest())
+    print(json_format.MessageToJson(reply))
+    return 0
+
+
+def _add_cloud(sub: argparse._SubParsersAction) -> None:
+    cloud = sub.add_parser(
+        "cloud",
+        help="run the gRPC service, manage its gallery",
+        formatter_class=_FORMATTER,
+        description="The cloud side: decode faces, recognise them, match against the gallery.",
+        epilog="""\
+examples:
+  facelink cloud serve --gallery ./gallery --port 50051
+  facelink cloud enroll Ada ada1.jpg ada2.jpg --server localhost:50051
+  facelink cloud list --server localhost:50051
+  facelink cloud remove Ada --server localhost:50051
+  facelink cloud capabilities --server localhost:50051""",
+    )
+    cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="{serve,enroll,remove,list,capabilities}")
+
+    serve = cmds.add_parser(
+        "serve",
+        help="run the service until Ctrl-C",
+        formatter_class=_FORMATTER,
+        description="""\
+Serve facelink.v1 Recognition and Gallery, the standard gRPC health service and server
+reflection (so `grpcurl -plaintext HOST:PORT list` works). The gallery is a SQLite database
+in WAL mode under --gallery; the search index is rebuilt from it at start.""",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
+    serve.add_argument("--gallery", type=Path, default=Path("gallery"), help="gallery folder (default ./gallery)")
+    serve.add_argument("--recognizer", default="auto",
+                       help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
+    serve.add_argument("--threshold", type=float, help="cosine match threshold (default: the manifest's)")
+    serve.add_argument("--workers", type=int, default=4, help="gRPC worker threads = concurrent streams (default 4)")
+    _add_common(serve)
+    serve.set_defaults(func=_cloud_serve)
+
+    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
+        _add_common(p)
+        return p
+
+    enroll = client_parser("enroll", "enroll a person from pictures (the server detects the face in each)")
+    enroll.add_argument("identity", help="the person's name")
+    enroll.add_argument("pictures", nargs="+", type=Path, help="JPEG, PNG or WebP pictures")
+    enroll.add_argument("--replace", action="store_true", help="replace the person's templates instead of adding")
+    enroll.set_defaults(func=_cloud_enroll)
+    remove = client_parser("remove", "remove a person and all their templates")
+    remove.add_argument("identity")
+    remove.set_defaults(func=_cloud_remove)
+    client_parser("list", "list enrolled people").set_defaults(func=_cloud_list)
+    client_parser("capabilities", "print what the server accepts (codecs, models, limits) as JSON").set_defaults(
+        func=_cloud_capabilities
+    )
+
+
+# -- edge ---------------------------------------------------------------------------------------
+def _edge(args: argparse.Namespace) -> int:
+    from .config import CanonicalCrop, DetectorConfig, EdgeConfig, StreamConfig
+    from facelink.edge.run import describe, run_edge
+    from facelink.edge.sources import SourceError, open_source
+
+    try:
+        source = open_source(args.source, max_frames=args.max_frames, stride=args.stride)
+    except SourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = EdgeConfig(
+        detector=DetectorConfig(kind=args.detector),
+        crop=CanonicalCrop(size=args.crop_size),
+        faces=args.faces,
+        codec=args.codec,
+        quality=args.quality,
+        stream=StreamConfig(
+            server=args.server,
+            camera_id=args.camera_id,
+            queue_size=args.queue_size,
+            overflow=args.overflow or ("drop_oldest" if source.live else "block"),
+        ),
+    )
+    with source:
+        stats = run_edge(source, config, lambda r, f, ms: print(describe(r, f, ms), flush=True), progress=False)
+    stream = stats.stream
+    print(
+        f"{stats.frames} frames, {stats.faces} faces sent, {stats.frames_without_face} frames without a face, "
+        f"{stats.unreadable} unreadable; answered {stream.answered}, dropped {stream.dropped}, "
+        f"resent {stream.resent}, reconnects {stream.reconnects}, unanswered {stream.unanswered}",
+        file=sys.stderr,
+    )
+    for error in stream.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if stream.errors or stream.unanswered else 0
+
+
+def _add_edge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "edge",
+        help="stream faces from a camera, video, RTSP URL or picture folder to a server",
+        formatter_class=_FORMATTER,
+        description="""\
+The device side: read frames, detect faces (YuNet, or dlib's HOG where ../shared is absent),
+align each face to the canonical crop, encode it, and stream it with its landmarks over one
+bidirectional gRPC call. Results are printed as they arrive.
+
+The link keeps a bounded queue: with a live source (camera, RTSP) the oldest face is dropped
+when the server falls behind; with files nothing is dropped and reading waits. If the server
+goes away, the client reconnects with exponential backoff and resends what was unanswered.""",
+        epilog="""\
+sources:
+  0, 1, ...                 a camera by index
+  rtsp://user:pw@host/path  an RTSP (or http) stream
+  clip.mp4                  a video file
+  photos/                   a folder of pictures (recursive; LFW's <person>/<file> layout
+                            gives each picture its person as a label)
+
+examples:
+  facelink edge --source 0 --server cloud.example:50051 --camera-id door-1
+  facelink edge --source ../shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart --server localhost:50051
+  facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75""",
+    )
+    p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or picture folder")
+    p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
+    p.add_argument("--camera-id", default="camera-0", help="name of this camera in results (default camera-0)")
+    p.add_argument("--codec", default="jpeg", help="payload codec: jpeg, webp, png (default jpeg)")
+    p.add_argument("--quality", type=int, default=90, help="codec quality 1-100 (default 90)")
+    p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")
+    p.add_argument("--faces", choices=["all", "largest", "central"], default="all", help="faces per frame to send")
+    p.add_argument("--crop-size", type=int, default=128, help="side of the canonical aligned crop in px (default 128)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--stride", type=int, default=1, help="use every n-th frame (default 1)")
+    p.add_argument("--queue-size", type=int, default=256, help="faces buffered while the link is busy (default 256)")
+    p.add_argument("--overflow", choices=["block", "drop_oldest"],
+                   help="when the buffer is full (default: drop_oldest for live sources, block for files)")
+    _add_common(p)
+    p.set_defaults(func=_edge)
+
+
+# -- export -------------------------------------------------------------------------------------
+def _export_manifest(args: argparse.Namespace) -> int:
+    from facelink.runtime.manifest import ManifestError, file_sha256, load_manifest
+
+    try:
+        manifest = load_manifest(args.manifest)
+        path = manifest.resolve_file()
+        weights = manifest.weights(verify=manifest.sha256 is not None)
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{manifest.model_id}: {manifest.task}, {manifest.format}, weights {path}")
+    print(f"sha256 {file_sha256(weights)} ({'verified' if manifest.sha256 else 'not pinned in the manifest'})")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="model manifests now; training and ONNX/TensorRT export as they land",
+        formatter_class=_FORMATTER,
+        description="""\
+Models reach facelink through manifests (JSON): weights file, sha256, input size, colour
+order, normalisation, alignment template, embedding size, flip augmentation, threshold.
+`export manifest` checks one against its weights. Bundled manifests: see
+runtime/manifests/. Training and export (torch) install with `pip install 'facelink[export]'`.""",
+        epilog="""\
+examples:
+  facelink export manifest mobilefacenet
+  facelink export manifest path/to/my-arcface.json""",
+    )
+    cmds = p.add_subparsers(dest="export_command", required=True, metavar="{manifest}")
+    manifest = cmds.add_parser("manifest", help="validate a manifest and verify its weights' sha256")
+    manifest.add_argument("manifest", help="bundled name (mobilefacenet, dlib-resnet, yunet) or path to a .json")
+    _add_common(manifest)
+    manifest.set_defaults(func=_export_manifest)
+
+
+# -- bench --------------------------------------------------------------------------------------
+BENCHMARKS = {
+    "verification": "facelink.benchmarks.verification",
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    return module.main(args.rest)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark (prints a table, writes benchmarks/results/<name>.json)",
+        formatter_class=_FORMATTER,
+        description="Reproducible measurements. Each prints the command, machine and date with its table.",
+        epilog="""\
+benchmarks:
+  verification   LFW View 2 10-fold verification accuracy of a recogniser through the
+                 edge path (detect, align, optional codec round trip)
+
+examples:
+  facelink bench verification
+  facelink bench verification -- --recognizer dlib-resnet --codec jpeg --quality 50""",
+    )
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (see its --help)")
+    p.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facelink", description=__doc__, formatter_class=_FORMATTER)
+    parser.add_argument("--version", action="version", version=f"facelink {__import__('facelink').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,cloud,edge,export,bench}")
+    _add_demo(sub)
+    _add_cloud(sub)
+    _add_edge(sub)
+    _add_export(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""All of facelink's configuration, in one typed place.
+
+Every knob a user can turn lives in one of the models below; command-line flags and
+environment variables only fill them in. Paths to data that is not ours (../shared, LFW) are
+resolved here and nowhere else, so there is one rule for where things are looked up:
+an explicit argument, then an environment variable, then the default beside the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variables read by facelink (and only these).
+ENV_SHARED = "FACELINK_SHARED"  # folder with data/ and models/ (default: ../shared beside the repo)
+ENV_DATA = "FACELINK_DATA"      # an LFW folder (default: $FACELINK_SHARED/data/lfw)
+ENV_CACHE = "FACELINK_CACHE"    # downloads and caches (default: ~/.cache/facelink)
+
+
+def shared_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """The shared data/models folder: `override`, then $FACELINK_SHARED, then ../shared."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    if os.environ.get(ENV_SHARED):
+        return Path(os.environ[ENV_SHARED]).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared").resolve()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "facelink").expanduser()
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Config):
+    """How ONNX models are run (ONNX Runtime today; TensorRT where present)."""
+
+    intra_op_threads: int = Field(1, ge=0, description="threads per model; 0 lets ONNX Runtime decide")
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+class CanonicalCrop(_Config):
+    """The one aligned crop the edge sends per face.
+
+    It is the ArcFace 112x112 template scaled by `scale` and centred in a `size` x `size`
+    square. With the defaults (128 px, scale 1) it holds the ArcFace crop with an 8-pixel
+    border and the whole region of dlib's 150x150 face chip (which reaches further below the
+    mouth), so the cloud can re-warp it to any recogniser's template from the landmarks that
+    travel with it.
+    """
+
+    size: int = Field(128, ge=64, le=512)
+    scale: float = Field(1.0, gt=0.5, le=4.0)
+
+
+class DetectorConfig(_Config):
+    kind: Literal["auto", "yunet", "dlib"] = "auto"  # auto: YuNet if its model is present, else dlib
+    score_threshold: float = Field(0.6, ge=0.0, le=1.0)
+    nms_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    min_face_size: int = Field(20, ge=0, description="faces smaller than this (px, box side) are ignored")
+    max_faces: int = Field(16, ge=1)
+
+
+class StreamConfig(_Config):
+    """The device's link to the server."""
+
+    server: str = "localhost:50051"
+    camera_id: str = "camera-0"
+    queue_size: int = Field(256, ge=1, description="faces buffered on the device while the link is busy or down")
+    overflow: Literal["block", "drop_oldest"] = Field(
+        "block", description="when the queue is full: block the producer (files) or drop the oldest face (live cameras)"
+    )
+    max_in_flight: int = Field(8, ge=1, description="faces sent but not yet answered")
+    reconnect_initial_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class EdgeConfig(_Config):
+    detector: DetectorConfig = DetectorConfig()
+    crop: CanonicalCrop = CanonicalCrop()
+    faces: Literal["all", "largest", "central"] = Field(
+        "all", description="which faces of a frame to send: all, the largest, or the one nearest the centre"
+    )
+    codec: str = Field("jpeg", description="payload codec id (see `facelink edge --help`)")
+    quality: int = Field(90, ge=1, le=100, description="codec quality")
+    stream: StreamConfig = StreamConfig()
+    backend: BackendConfig = BackendConfig()
+
+
+class CloudConfig(_Config):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
+    gallery_dir: Path = Field(Path("gallery"), description="where the durable gallery lives")
+    recognizer: str = Field("auto", description="manifest name or path; auto: MobileFaceNet if present, else dlib")
+    match_threshold: float | None = Field(None, description="cosine threshold; None takes the recogniser manifest's")
+    detector: DetectorConfig = DetectorConfig()
+    backend: BackendConfig = BackendConfig()
+    workers: int = Field(4, ge=1, description="gRPC worker threads")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_payload_bytes: int = Field(256 * 1024, ge=256)
+    max_images_per_enroll: int = Field(64, ge=1)
+    max_image_side: int = Field(4096, ge=64)

@@ -1,0 +1,244 @@
+"""The end-to-end demo: a real server on loopback, a real edge client, LFW faces.
+
+1. start the gRPC service on 127.0.0.1 with a fresh gallery in a temporary directory;
+2. enroll one picture of each of N LFW people who have two or more pictures (Gallery.Enroll,
+   the server detects and aligns);
+3. stream their other pictures plus pictures of M people never enrolled through the edge
+   pipeline (detect, align to the canonical crop, encode, bidirectional stream);
+4. summarise: rank-1 on enrolled people, correct rejections of strangers, bytes per face,
+   end-to-end latency.
+Which people and pictures take part is fixed by --seed, so two runs see the same faces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from facelink.config import CloudConfig, EdgeConfig, StreamConfig
+from facelink.datasets import LFW
+from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    data: str | None = None
+    identities: int = 300
+    probes_per_identity: int = 3
+    distractors: int = 300
+    seed: int = 0
+    codec: str = "jpeg"
+    quality: int = 90
+    recognizer: str = "auto"
+    threshold: float | None = None
+    json_path: Path | None = None
+
+
+@dataclass
+class DemoSummary:
+    recognizer: str
+    codec: str
+    threshold: float
+    enrolled_identities: int
+    enrollment_failures: int
+    enrolled_probes: int
+    stranger_probes: int
+    pictures_without_face: int
+    rank1_accuracy: float            # top-1 identity is right, whatever the threshold
+    identification_rate: float       # MATCH with the right identity at the threshold
+    correct_rejection_rate: float    # strangers answered UNKNOWN
+    mean_bytes_per_face: float
+    latency_ms_p50: float            # frame read on the device -> result back on the device
+    latency_ms_p95: float
+    server_ms_p50: float
+    edge_ms_p50: float               # detect + align + encode on the device
+    wall_s: float
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def choose_people(lfw: LFW, options: DemoOptions) -> tuple[dict[str, Path], list[tuple[Path, str]], list[Path]]:
+    """(enrolled name -> gallery picture, [(probe picture, name)], [stranger pictures])."""
+    people = lfw.people()
+    rng = random.Random(options.seed)
+    repeat = sorted(n for n, paths in people.items() if len(paths) >= 2)
+    single = sorted(n for n, paths in people.items() if len(paths) == 1)
+    enrolled = rng.sample(repeat, min(options.identities, len(repeat)))
+    strangers = rng.sample(single, min(options.distractors, len(single)))
+    gallery = {name: people[name][0] for name in enrolled}
+    probes = [(path, name) for name in enrolled for path in people[name][1 : 1 + options.probes_per_identity]]
+    return gallery, probes, [people[name][0] for name in strangers]
+
+
+def enroll_all(channel: grpc.Channel, gallery: dict[str, Path]) -> list[str]:
+    stub = gallery_pb2_grpc.GalleryStub(channel)
+    failures = []
+    for name, path in tqdm(sorted(gallery.items()), desc="enroll", unit="person"):
+        request = gallery_pb2.EnrollRequest(
+            identity=name,
+            images=[gallery_pb2.EnrollImage(image=common_pb2.Image(format=common_pb2.IMAGE_FORMAT_JPEG, data=path.read_bytes()))],
+            metadata={"source": path.name},
+        )
+        try:
+            stub.Enroll(request, timeout=30)
+        except grpc.RpcError as error:
+            failures.append(f"{name}: {error.code().name} {error.details()}")
+    return failures
+
+
+def run_demo(options: DemoOptions) -> DemoSummary:
+    from facelink.cloud.server import start_server
+    from facelink.edge.run import run_edge
+    from facelink.edge.sources import open_source
+
+    started = time.perf_counter()
+    lfw = LFW.locate(options.data)
+    gallery, probes, strangers = choose_people(lfw, options)
+    # Frame names from an image list are paths; <person>/<file> is unique in LFW.
+    truth = {_tail(path): name for path, name in probes}
+    with tempfile.TemporaryDirectory(prefix="facelink-demo-") as tmp:
+        cloud = CloudConfig(
+            port=0, gallery_dir=Path(tmp) / "gallery", recognizer=options.recognizer, match_threshold=options.threshold
+        )
+        server = start_server(cloud)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                failures = enroll_all(channel, gallery)
+            edge = EdgeConfig(
+                codec=options.codec,
+                quality=options.quality,
+                faces="central",  # LFW pictures are centred on the person they are labelled with
+                # Closed loop: at most two faces waiting and two on the wire, so the latency we
+                # report is that of a device the server keeps up with, not of a queued backlog.
+                stream=StreamConfig(server=server.address, camera_id="lfw-demo", queue_size=2, max_in_flight=2),
+            )
+            pictures = [path for path, _ in probes] + strangers
+            source = open_source(None, image_list=pictures)
+            outcomes: dict[str, tuple[recognition_pb2.FaceResult, int, float, float]] = {}
+
+            def collect(result: recognition_pb2.FaceResult, face, e2e_ms: float) -> None:  # noqa: ANN001
+                outcomes[face.frame_name] = (result, face.payload_bytes, e2e_ms, face.edge_ms)
+
+            stats = run_edge(source, edge, collect)
+        finally:
+            server.stop()
+
+    enrolled_hits = identified = strangers_rejected = rejected = 0
+    for frame_name, (result, _, _, _) in outcomes.items():
+        rejected += result.decision == recognition_pb2.DECISION_REJECTED
+        person = truth.get(_tail(frame_name))
+        if person is None:
+            strangers_rejected += result.decision == recognition_pb2.DECISION_UNKNOWN
+        else:
+            enrolled_hits += result.identity == person
+            identified += result.identity == person and result.decision == recognition_pb2.DECISION_MATCH
+    sizes = np.array([o[1] for o in outcomes.values()], dtype=np.float64)
+    e2e = np.array([o[2] for o in outcomes.values()], dtype=np.float64)
+    server_ms = np.array([o[0].server_latency_us / 1e3 for o in outcomes.values()], dtype=np.float64)
+    edge_ms = np.array([o[3] for o in outcomes.values()], dtype=np.float64)
+    threshold = next((o[0].threshold for o in outcomes.values() if o[0].model_id), float("nan"))
+    model_id = next((o[0].model_id for o in outcomes.values() if o[0].model_id), options.recognizer)
+    return DemoSummary(
+        recognizer=model_id,
+        codec=f"{options.codec} q{options.quality}",
+        threshold=float(threshold),
+        enrolled_identities=len(gallery) - len(failures),
+        enrollment_failures=len(failures),
+        enrolled_probes=len(probes),
+        stranger_probes=len(strangers),
+        pictures_without_face=stats.frames_without_face + stats.unreadable,
+        # Denominators are all probes sent, so a face the edge missed counts as an error.
+        rank1_accuracy=enrolled_hits / max(len(probes), 1),
+        identification_rate=identified / max(len(probes), 1),
+        correct_rejection_rate=strangers_rejected / max(len(strangers), 1),
+        mean_bytes_per_face=float(sizes.mean()) if sizes.size else 0.0,
+        latency_ms_p50=_pct(e2e, 50),
+        latency_ms_p95=_pct(e2e, 95),
+        server_ms_p50=_pct(server_ms, 50),
+        edge_ms_p50=_pct(edge_ms, 50),
+        wall_s=time.perf_counter() - started,
+        rejected=rejected,
+        errors=failures + (stats.stream.errors if stats.stream else []),
+    )
+
+
+def _tail(path: str | Path) -> str:
+    return "/".join(Path(path).parts[-2:])
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def format_summary(summary: DemoSummary, command: str) -> str:
+    rows = [
+        ("recogniser", summary.recognizer),
+        ("payload codec", summary.codec),
+        ("match threshold (cosine)", f"{summary.threshold:.3f}"),
+        ("enrolled identities (1 picture each)", f"{summary.enrolled_identities} ({summary.enrollment_failures} failed)"),
+        ("probes of enrolled people", str(summary.enrolled_probes)),
+        ("probes of never-enrolled people", str(summary.stranger_probes)),
+        ("pictures with no face found", str(summary.pictures_without_face)),
+        ("rank-1 accuracy, enrolled people", f"{100 * summary.rank1_accuracy:.2f}%"),
+        ("identified at threshold, enrolled people", f"{100 * summary.identification_rate:.2f}%"),
+        ("correct rejection, never-enrolled people", f"{100 * summary.correct_rejection_rate:.2f}%"),
+        ("mean bytes per face", f"{summary.mean_bytes_per_face:.0f}"),
+        ("end-to-end latency p50 / p95", f"{summary.latency_ms_p50:.1f} / {summary.latency_ms_p95:.1f} ms"),
+        ("  of which edge (detect+align+encode) p50", f"{summary.edge_ms_p50:.1f} ms"),
+        ("  of which server p50", f"{summary.server_ms_p50:.1f} ms"),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [
+        f"facelink demo: {command}",
+        f"machine: {platform.machine()} {platform.processor() or ''} {_cpu_count()} cores, Python {platform.python_version()}; "
+        f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"| {'metric'.ljust(width)} | value |",
+        f"|{'-' * (width + 2)}|-------|",
+        *[f"| {k.ljust(width)} | {v} |" for k, v in rows],
+    ]
+    if summary.errors:
+        lines += ["", "errors:", *[f"  {e}" for e in summary.errors[:20]]]
+    return "\n".join(lines)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_json(summary: DemoSummary, path: Path, command: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"arch": platform.machine(), "cores": _cpu_count(), "python": platform.python_version()},
+        "summary": asdict(summary),
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main(options: DemoOptions) -> int:
+    command = "facelink demo " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "facelink demo"
+    summary = run_demo(options)
+    print(format_summary(summary, command.strip()))
+    if options.json_path is not None:
+        write_json(summary, options.json_path, command.strip())
+        print(f"\nwrote {options.json_path}")
+    return 0
