@@ -131,11 +131,12 @@ class DlibRecognizer(_RecognizerBase):
     """dlib's ResNet-29 (128-d, from PyPI's face_recognition_models): the no-../shared fallback."""
 
     def __init__(self, manifest: ModelManifest) -> None:
-        from .dlib_models import FACE_RECOGNITION_MODEL, dlib_model_path, import_dlib
+        from .dlib_models import dlib_model_path, import_dlib
 
         self.manifest = manifest
         dlib = import_dlib()
-        path = dlib_model_path(FACE_RECOGNITION_MODEL)
+        # dlib's weights ship inside the face_recognition_models package: `file` names one of them.
+        path = dlib_model_path(manifest.file)
         if manifest.sha256 is not None:
             manifest.model_copy(update={"file": str(path)}).weights()  # verify the sha256
         self._model = dlib.face_recognition_model_v1(str(path))
