@@ -17,6 +17,7 @@ from facelink.v1 import gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognit
 
 from .engine import RecognitionEngine
 from .gallery import Gallery
+from .metrics import ServiceMetrics
 from .service import GalleryService, RecognitionService
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class RunningServer:
     port: int
     engine: RecognitionEngine
     health: health.HealthServicer
+    metrics: ServiceMetrics
 
     @property
     def address(self) -> str:
@@ -59,7 +61,10 @@ def start_server(config: CloudConfig, engine: RecognitionEngine | None = None) -
         ("grpc.keepalive_permit_without_calls", 1),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
-    recognition = RecognitionService(engine)
+    metrics = ServiceMetrics()
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port, config.host)
+    recognition = RecognitionService(engine, metrics)
     recognition_pb2_grpc.add_RecognitionServicer_to_server(recognition, server)
     gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryService(engine, recognition), server)
 
@@ -77,7 +82,7 @@ def start_server(config: CloudConfig, engine: RecognitionEngine | None = None) -
         "serving facelink.v1 on %s:%d (recogniser %s, threshold %.3f, %d identities in %s)",
         config.host, port, engine.recognizer.model_id, engine.threshold, len(engine.gallery), config.gallery_dir,
     )
-    return RunningServer(server, port, engine, health_servicer)
+    return RunningServer(server, port, engine, health_servicer, metrics)
 
 
 def serve(config: CloudConfig) -> None:

@@ -22,12 +22,14 @@ from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_p
 from .gallery import InvalidIdentityError, UnknownIdentityError
 from .engine import Decision, EnrollFace, Identification, RecognitionEngine
 from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "facelink.v1"
 _DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_FLOAT16: "float16", common_pb2.DTYPE_INT8: "int8"}
 _IMAGE_FORMATS = (common_pb2.IMAGE_FORMAT_JPEG, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_WEBP)
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _DECISIONS = {Decision.MATCH: recognition_pb2.DECISION_MATCH, Decision.UNKNOWN: recognition_pb2.DECISION_UNKNOWN}
 
 
@@ -44,9 +46,10 @@ def box_to_proto(box: np.ndarray | None) -> common_pb2.Box:
 
 
 class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
-    def __init__(self, engine: RecognitionEngine) -> None:
+    def __init__(self, engine: RecognitionEngine, metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
         self.limits = engine.config
+        self.metrics = metrics or ServiceMetrics()
         # One decoder per codec id; they are stateless, so every stream shares them.
         self._decoders = {codec_id: create_codec(codec_id) for codec_id in available_codecs()}
 
@@ -56,7 +59,14 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
     ) -> Iterator[recognition_pb2.FaceResult]:
         peer = context.peer()
         log.info("stream opened by %s", peer)
-        answered = 0
+        self.metrics.streams.inc()
+        try:
+            yield from self._answer(request_iterator)
+        finally:
+            self.metrics.streams.dec()
+            log.info("stream from %s closed", peer)
+
+    def _answer(self, request_iterator: Iterator[recognition_pb2.FaceObservation]) -> Iterator[recognition_pb2.FaceResult]:
         for observation in request_iterator:
             started = time.perf_counter()
             result = recognition_pb2.FaceResult(
@@ -73,10 +83,20 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             except Exception:  # a bug must cost one face, not the stream or the server
                 log.exception("internal error on %s frame %d", observation.camera_id, observation.frame_sequence)
                 self._reject(result, grpc.StatusCode.INTERNAL, "internal error while recognising this face; see server log")
-            result.server_latency_us = int((time.perf_counter() - started) * 1e6)
-            answered += 1
+            elapsed = time.perf_counter() - started
+            result.server_latency_us = int(elapsed * 1e6)
+            self._count(observation, result, elapsed)
             yield result
-        log.info("stream from %s closed after %d faces", peer, answered)
+
+    def _count(self, observation: recognition_pb2.FaceObservation, result: recognition_pb2.FaceResult, elapsed: float) -> None:
+        kind = observation.WhichOneof("payload") or "none"
+        decision = recognition_pb2.Decision.Name(result.decision).removeprefix("DECISION_").lower()
+        self.metrics.faces.labels(kind, decision).inc()
+        self.metrics.latency.labels(kind).observe(elapsed)
+        if kind != "none":
+            self.metrics.payload_bytes.labels(kind).inc(len(getattr(observation, kind).data))
+        if result.HasField("error"):
+            self.metrics.errors.labels(_CODE_NAMES.get(result.error.code, str(result.error.code))).inc()
 
     def _identify(self, observation: recognition_pb2.FaceObservation) -> Identification:
         kind = observation.WhichOneof("payload")

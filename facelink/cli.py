@@ -91,6 +91,7 @@ def _cloud_serve(args: argparse.Namespace) -> int:
         recognizer=args.recognizer,
         match_threshold=args.threshold,
         workers=args.workers,
+        metrics_port=args.metrics_port,
     )
     serve(config)
     return 0
@@ -206,6 +207,7 @@ in WAL mode under --gallery; the search index is rebuilt from it at start.""",
                        help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
     serve.add_argument("--threshold", type=float, help="cosine match threshold (default: the manifest's)")
     serve.add_argument("--workers", type=int, default=4, help="gRPC worker threads = concurrent streams (default 4)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
     _add_common(serve)
     serve.set_defaults(func=_cloud_serve)
 

@@ -104,6 +104,7 @@ class CloudConfig(_Config):
     detector: DetectorConfig = DetectorConfig()
     backend: BackendConfig = BackendConfig()
     workers: int = Field(4, ge=1, description="gRPC worker threads")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics on this port")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_payload_bytes: int = Field(256 * 1024, ge=256)
     max_images_per_enroll: int = Field(64, ge=1)

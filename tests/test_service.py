@@ -247,3 +247,14 @@ def _png(image: np.ndarray) -> bytes:
     import cv2
 
     return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_metrics_count_faces_and_errors(enrolled_server, channel_to, pipeline) -> None:
+    stream = Stream(channel_to(enrolled_server.address))
+    stream.send(observe(pipeline, "Tony_Blair", 2))
+    stream.send(recognition_pb2.FaceObservation(camera_id="x"))
+    stream.close()
+    registry = enrolled_server.metrics.registry
+    assert registry.get_sample_value("facelink_faces_total", {"payload": "face", "decision": "match"}) == 1
+    assert registry.get_sample_value("facelink_face_errors_total", {"code": "INVALID_ARGUMENT"}) == 1
+    assert registry.get_sample_value("facelink_payload_bytes_total", {"payload": "face"}) > 500
