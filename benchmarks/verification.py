@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -51,6 +50,8 @@ from tqdm import tqdm
 
 from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, cache_dir
 from facelink.datasets import LFW, DatasetNotFoundError, Pair
+
+from . import reporting
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def embed_all(images: list[Path], jobs: list[Job], detector, template) -> None: 
             recognition_ms=np.zeros(n, dtype=np.float64),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-    for index, path in enumerate(tqdm(images, desc="embed", unit="image", file=sys.stderr, dynamic_ncols=True)):
+    for index, path in enumerate(tqdm(images, desc="embed", unit="image", file=sys.stderr, dynamic_ncols=True,
+                                                mininterval=0.1 if sys.stderr.isatty() else 15)):
         image = read_rgb(path)
         faces = select_faces(detector.detect(image), "central", image.shape)
         landmarks = faces[0].landmarks if faces else fallback_landmarks(image.shape)
@@ -420,36 +422,8 @@ def evaluate(job: Job, pairs: list[Pair], index: dict[Path, int]) -> dict:
 
 
 # -- output -----------------------------------------------------------------------------------------
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
-
-
 def machine_info(threads: int) -> dict:
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:  # pragma: no cover - onnxruntime is a base dependency
-        ort_version = None
-    return {
-        "arch": platform.machine(),
-        "cpu": _cpu_model(),
-        "cores": _cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort_version,
-        "opencv": cv2.__version__,
-        "intra_op_threads": threads,
-    }
+    return reporting.machine_info(intra_op_threads=threads)
 
 
 def format_report(rows: list[dict], command: str, machine: dict, date: str, detector_name: str) -> str:
@@ -468,8 +442,6 @@ def format_report(rows: list[dict], command: str, machine: dict, date: str, dete
             f"{r['faces_not_detected']} / {r['images']}",
             f"{r['ms_per_face']:.2f}" + (" *" if r["cached"] else ""),
         ])
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     cal_header = ["recogniser", "codec", "manifest threshold", "accuracy there", "TAR there", "FAR there",
                   "best-accuracy threshold (10-fold mean)", "threshold at FAR=1e-3"]
     cal = [[
@@ -477,19 +449,14 @@ def format_report(rows: list[dict], command: str, machine: dict, date: str, dete
         f"{r['at_manifest_threshold']['accuracy']:.2f}%", f"{r['at_manifest_threshold']['tar']:.2f}%",
         f"{r['at_manifest_threshold']['far']:.2f}%", f"{r['threshold_mean']:.3f}", f"{r['threshold_at_far']:.3f}",
     ] for r in rows]
-    cal_widths = [max(len(h), *(len(row[i]) for row in cal)) for i, h in enumerate(cal_header)]
-    cal_line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, cal_widths)) + " |"  # noqa: E731
     first = rows[0]
     lines = [
         f"command: {command}",
-        f"machine: {machine['arch']} {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
-        f"ONNX Runtime {machine['onnxruntime']} ({machine['intra_op_threads']} intra-op thread(s)); date: {date}",
+        f"{reporting.machine_line(machine)} ({machine['intra_op_threads']} intra-op thread(s)); date: {date}",
         f"data: LFW View 2, {first['pairs']} pairs ({first['genuine_pairs']} same, {first['impostor_pairs']} different)"
         f" in {first['folds']} folds, {first['images']} distinct images; detector: {detector_name}, face nearest the centre",
         "",
-        line(header),
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        *[line(row) for row in table],
+        *reporting.markdown_table(header, table),
         "",
         f"accuracy: {first['folds']}-fold, threshold chosen on the other folds, mean ± std (population) over folds;"
         " threshold: mean of the per-fold cosine thresholds.",
@@ -501,9 +468,7 @@ def format_report(rows: list[dict], command: str, machine: dict, date: str, dete
         "",
         "threshold calibration (cosine; accept when score >= threshold):",
         "",
-        cal_line(cal_header),
-        "|" + "|".join("-" * (w + 2) for w in cal_widths) + "|",
-        *[cal_line(row) for row in cal],
+        *reporting.markdown_table(cal_header, cal),
     ]
     return "\n".join(lines)
 
@@ -533,7 +498,7 @@ LFW is looked for in: --data, then $FACELINK_DATA, then ../shared/data/lfw, then
 examples:
   facelink bench verification
   facelink bench verification -- --codec none --codec jpeg
-  facelink bench verification -- --codec webp --quality 50 --codec jpeg --quality 50
+  facelink bench verification -- --codec webp --codec jpeg --quality 50   # one quality for all codecs
   facelink bench verification -- --recognizer mobilefacenet --recognizer dlib-resnet
   facelink bench verification -- --limit-pairs 3 --no-cache --json /tmp/v.json   # a quick smoke test
   python -m facelink.benchmarks.verification --help""",
@@ -641,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "verification",
         "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": reporting.utc_now(),
         "machine": machine,
         "data": {"dataset": "LFW View 2 (pairs.txt)", "root": str(lfw.root), "limit_pairs": args.limit_pairs},
         "detector": detector_name,
@@ -651,8 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedding_seconds": elapsed,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    reporting.write_results(args.json, payload)
     print(f"wrote {args.json}")
     return 0
 

@@ -12,21 +12,19 @@ Which people and pictures take part is fixed by --seed, so two runs see the same
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import random
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 import numpy as np
 from tqdm import tqdm
 
+from facelink.benchmarks import reporting
 from facelink.config import CloudConfig, EdgeConfig, StreamConfig
 from facelink.datasets import LFW
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2
@@ -202,36 +200,20 @@ def format_summary(summary: DemoSummary, command: str) -> str:
         ("  of which server p50", f"{summary.server_ms_p50:.1f} ms"),
         ("wall time", f"{summary.wall_s:.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
     lines = [
-        f"facelink demo: {command}",
-        f"machine: {platform.machine()} {platform.processor() or ''} {_cpu_count()} cores, Python {platform.python_version()}; "
-        f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"command: {command}",
+        f"{reporting.machine_line(reporting.machine_info())}; date: {reporting.utc_now()}",
         "",
-        f"| {'metric'.ljust(width)} | value |",
-        f"|{'-' * (width + 2)}|-------|",
-        *[f"| {k.ljust(width)} | {v} |" for k, v in rows],
+        *reporting.markdown_table(["metric", "value"], rows),
     ]
     if summary.errors:
         lines += ["", "errors:", *[f"  {e}" for e in summary.errors[:20]]]
     return "\n".join(lines)
 
 
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def write_json(summary: DemoSummary, path: Path, command: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cores": _cpu_count(), "python": platform.python_version()},
-        "summary": asdict(summary),
-    }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"command": command, "date": reporting.utc_now(), "machine": reporting.machine_info(), "summary": asdict(summary)}
+    reporting.write_results(path, payload)
 
 
 def main(options: DemoOptions) -> int:
