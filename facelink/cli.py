@@ -399,7 +399,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        # Missing data, a bad manifest, an unreadable source: the message says what to do,
+        # a traceback would only bury it. -vv keeps the traceback for debugging.
+        if level == logging.DEBUG:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from facelink.datasets import DatasetNotFoundError
+    from facelink.edge.sources import SourceError
+    from facelink.runtime.codecs import CodecError
+    from facelink.runtime.dlib_models import DlibUnavailableError
+    from facelink.runtime.manifest import ManifestError
+
+    return DatasetNotFoundError, SourceError, CodecError, DlibUnavailableError, ManifestError
 
 
 if __name__ == "__main__":
