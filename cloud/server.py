@@ -66,7 +66,7 @@ def start_server(config: CloudConfig, engine: RecognitionEngine | None = None) -
         metrics.serve(config.metrics_port, config.host)
     recognition = RecognitionService(engine, metrics)
     recognition_pb2_grpc.add_RecognitionServicer_to_server(recognition, server)
-    gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryService(engine, recognition), server)
+    gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryService(engine), server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

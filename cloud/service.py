@@ -41,6 +41,16 @@ def landmarks_from_proto(message: common_pb2.Landmarks, what: str) -> np.ndarray
     return np.array([(p.x, p.y) for p in message.points], dtype=np.float32)
 
 
+def image_from_proto(image: common_pb2.Image, what: str, max_side: int) -> np.ndarray:
+    """A picture payload -> RGB array, or INVALID_ARGUMENT naming the picture and the problem."""
+    if image.format not in _IMAGE_FORMATS:
+        raise InvalidArgument(f"{what}: unsupported image format {image.format}")
+    try:
+        return decode_image(image.data, what=what, max_side=max_side)
+    except CodecError as error:
+        raise InvalidArgument(str(error)) from error
+
+
 def box_to_proto(box: np.ndarray | None) -> common_pb2.Box:
     return common_pb2.Box() if box is None else common_pb2.Box(x=box[0], y=box[1], width=box[2], height=box[3])
 
@@ -111,7 +121,7 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         if kind == "face":
             image = self._decode_face(payload)
         else:
-            image = self._decode_image(payload, "image payload")
+            image = image_from_proto(payload, "image payload", self.limits.max_image_side)
         landmarks = landmarks_from_proto(observation.payload_landmarks, "payload_landmarks")
         if landmarks is None and kind == "face":
             raise InvalidArgument("a face payload needs payload_landmarks (5 points in the crop's coordinates)")
@@ -132,14 +142,6 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             raise InvalidArgument(f"undecodable {face.codec_id} payload: {error}") from error
         self._check_side(image, f"{face.codec_id} payload")
         return image
-
-    def _decode_image(self, image: common_pb2.Image, what: str) -> np.ndarray:
-        if image.format not in _IMAGE_FORMATS:
-            raise InvalidArgument(f"{what}: unsupported image format {image.format}")
-        try:
-            return decode_image(image.data, what=what, max_side=self.limits.max_image_side)
-        except CodecError as error:
-            raise InvalidArgument(str(error)) from error
 
     def _check_side(self, image: np.ndarray, what: str) -> None:
         if max(image.shape[:2]) > self.limits.max_image_side:
@@ -201,9 +203,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
 
 
 class GalleryService(gallery_pb2_grpc.GalleryServicer):
-    def __init__(self, engine: RecognitionEngine, recognition: RecognitionService) -> None:
+    def __init__(self, engine: RecognitionEngine) -> None:
         self.engine = engine
-        self._decode = recognition._decode_image  # one image decoder, one set of limits
 
     def Enroll(self, request: gallery_pb2.EnrollRequest, context: grpc.ServicerContext) -> gallery_pb2.EnrollResponse:
         limits = self.engine.config
@@ -215,7 +216,10 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
                     f"{len(request.images)} images in one call, the limit is {limits.max_images_per_enroll}"
                 )
             faces = [
-                EnrollFace(self._decode(item.image, f"image {i}"), landmarks_from_proto(item.landmarks, f"image {i}"))
+                EnrollFace(
+                    image_from_proto(item.image, f"image {i}", limits.max_image_side),
+                    landmarks_from_proto(item.landmarks, f"image {i}"),
+                )
                 for i, item in enumerate(request.images)
             ]
             added, total, boxes = self.engine.enroll(
