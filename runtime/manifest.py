@@ -8,7 +8,10 @@ model id to exact weights through their sha256.
 
 File references: a relative `file` is resolved against the manifest's folder; a `file`
 starting with `${shared}/` is resolved against the shared data/models folder
-(`facelink.config.shared_dir()`), which is how the default bundle reaches ../shared.
+(`facelink.config.shared_dir()`), which is how the default bundle reaches ../shared; a `file`
+starting with `${cache}/` is resolved against facelink's cache (`facelink.config.cache_dir()`,
+$FACELINK_CACHE or ~/.cache/facelink), where models converted on this machine are written
+(e.g. dlib's ResNet as ONNX, which is derived from a PyPI package and never committed).
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from facelink.config import shared_dir
+from facelink.config import cache_dir, shared_dir
 
 from .alignment import Template
 
 MANIFEST_VERSION = 1
 SHARED_PREFIX = "${shared}/"
+CACHE_PREFIX = "${cache}/"
 
 
 class ManifestError(ValueError):
@@ -110,6 +114,8 @@ class ModelManifest(_Strict):
     def resolve_file(self, shared: Path | None = None) -> Path:
         if self.file.startswith(SHARED_PREFIX):
             return (shared or shared_dir()) / self.file[len(SHARED_PREFIX):]
+        if self.file.startswith(CACHE_PREFIX):
+            return cache_dir() / self.file[len(CACHE_PREFIX):]
         path = Path(self.file)
         if not path.is_absolute() and self.origin is not None:
             path = self.origin.parent / path
