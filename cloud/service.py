@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 import facelink
-from facelink.runtime.codecs import CodecError, available_codecs, create_codec, decode_image
+from facelink.runtime.codecs import CodecError, available_codecs, decode_image
 from facelink.runtime.embeddings import unpack_embedding
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
@@ -60,8 +60,9 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         self.engine = engine
         self.limits = engine.config
         self.metrics = metrics or ServiceMetrics()
-        # One decoder per codec id; they are stateless, so every stream shares them.
-        self._decoders = {codec_id: create_codec(codec_id) for codec_id in available_codecs()}
+        # One decoder per codec id, shared by every stream (decoding keeps no state per call).
+        self._codecs = available_codecs()
+        self._decoders = {codec_id: info.create(info.default_quality) for codec_id, info in self._codecs.items()}
 
     # -- the stream -------------------------------------------------------------------------
     def Recognize(
@@ -179,8 +180,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             api_version=API_VERSION,
             server_version=facelink.__version__,
             codecs=[
-                recognition_pb2.CodecInfo(codec_id=codec_id, versions=list(cls.versions), description=cls.description)
-                for codec_id, cls in sorted(available_codecs().items())
+                recognition_pb2.CodecInfo(codec_id=codec_id, versions=list(info.versions), description=info.description)
+                for codec_id, info in sorted(self._codecs.items())
             ],
             models=[
                 recognition_pb2.ModelInfo(

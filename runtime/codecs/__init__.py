@@ -1,27 +1,77 @@
 """Payload codecs by id: what the edge may send and the cloud will decode.
 
-    codec = create_codec("jpeg", quality=90)
-    data = codec.encode(crop)          # HxWx3 uint8 RGB -> bytes
-    crop = codec.decode(data)          # bytes -> HxWx3 uint8 RGB, or CodecError
+    codec = create_codec("jpeg", quality=90)       # a standard codec, quality 1-100
+    codec = create_codec("learned", quality=3)     # the default learned codec, quality 1-5
+    data = codec.encode(crop)                      # HxWx3 uint8 RGB -> bytes
+    crop = codec.decode(data)                      # bytes -> HxWx3 uint8 RGB, or CodecError
+
+Learned codecs are registered under the id their weights give them (`flc-<name>-<tag>`, see
+`learned.py`), and `learned` / `learned:<name>` are aliases the edge's configuration may use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from .base import CodecError, FaceCodec, UnknownCodecError
 from .standard import JpegCodec, PngCodec, WebpCodec, decode_image
 
-__all__ = ["CodecError", "FaceCodec", "UnknownCodecError", "available_codecs", "create_codec", "decode_image"]
+__all__ = ["CodecError", "CodecInfo", "FaceCodec", "UnknownCodecError", "available_codecs", "create_codec", "decode_image"]
 
-_REGISTRY: dict[str, type] = {cls.codec_id: cls for cls in (JpegCodec, WebpCodec, PngCodec)}
-
-
-def available_codecs() -> dict[str, type]:
-    return dict(_REGISTRY)
+LEARNED_ALIAS = "learned"
 
 
-def create_codec(codec_id: str, quality: int = 90) -> FaceCodec:
-    try:
-        cls = _REGISTRY[codec_id]
-    except KeyError:
-        raise UnknownCodecError(f"unknown codec {codec_id!r}; available: {', '.join(sorted(_REGISTRY))}") from None
-    return cls(quality=quality)
+@dataclass(frozen=True)
+class CodecInfo:
+    codec_id: str
+    versions: tuple[int, ...]
+    description: str
+    create: Callable[[int], FaceCodec]  # quality -> codec
+    default_quality: int
+
+
+def _standard() -> dict[str, CodecInfo]:
+    return {
+        cls.codec_id: CodecInfo(cls.codec_id, cls.versions, cls.description, cls, 90)
+        for cls in (JpegCodec, WebpCodec, PngCodec)
+    }
+
+
+def _learned() -> dict[str, CodecInfo]:
+    from .learned import LearnedFaceCodec, codec_manifests, load_codec_manifest
+
+    infos = {}
+    for name in codec_manifests():
+        manifest, path = load_codec_manifest(name)
+        infos[manifest.codec_id] = CodecInfo(
+            manifest.codec_id,
+            LearnedFaceCodec.versions,
+            f"facelink learned face codec {name!r} (qualities 1-{manifest.qualities})",
+            lambda quality, m=manifest, p=path: LearnedFaceCodec(m, p.parent, quality),
+            (manifest.qualities + 1) // 2,
+        )
+    return infos
+
+
+def available_codecs() -> dict[str, CodecInfo]:
+    """Every codec this build can encode and decode, by wire id."""
+    return {**_standard(), **_learned()}
+
+
+def resolve_codec_id(codec_id: str) -> str:
+    """`learned` and `learned:<name>` -> that learned codec's wire id; other ids unchanged."""
+    if codec_id == LEARNED_ALIAS or codec_id.startswith(LEARNED_ALIAS + ":"):
+        from .learned import load_codec_manifest
+
+        name = codec_id.partition(":")[2] or "default"
+        return load_codec_manifest(name)[0].codec_id
+    return codec_id
+
+
+def create_codec(codec_id: str, quality: int | None = None) -> FaceCodec:
+    codecs = available_codecs()
+    info = codecs.get(resolve_codec_id(codec_id))
+    if info is None:
+        raise UnknownCodecError(f"unknown codec {codec_id!r}; available: {', '.join(sorted(codecs))}")
+    return info.create(info.default_quality if quality is None else quality)

@@ -7,7 +7,7 @@ make it run an arbitrary decoder.
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -21,9 +21,10 @@ class UnknownCodecError(CodecError):
 
 
 class FaceCodec(Protocol):
-    codec_id: ClassVar[str]
-    versions: ClassVar[tuple[int, ...]]  # bitstream versions this build decodes; the last is written
-    description: ClassVar[str]
+    versions: tuple[int, ...]  # bitstream versions this build decodes; the last is written
+
+    @property
+    def codec_id(self) -> str: ...
 
     @property
     def version(self) -> int: ...

@@ -1,0 +1,118 @@
+"""Static entropy coding of the latent with per-channel tables (a factorised prior).
+
+The tables are exported once with the weights, so encoder and decoder hold exactly the same
+probabilities on every machine: decoding depends only on the bytes. Coding is done by
+`constriction`'s ANS coder (a maintained Rust implementation); this module only maps latent
+values onto its symbols.
+
+Per channel c the table covers symbols `offset[c] .. offset[c] + len(pmf[c]) - 2`; the last
+entry of `pmf[c]` is an escape for values outside that range (CompressAI's layout). Escaped
+values travel after all regular symbols: their bit length (uniform over 0..31), then their
+bits (uniform), so that a rare outlier costs a few bytes instead of breaking the stream.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import CodecError
+
+_MAX_ESCAPE_BITS = 31
+
+
+def _coder():  # noqa: ANN202 - constriction has no type information
+    try:
+        from constriction import stream
+    except ImportError as error:  # pragma: no cover - a base dependency
+        raise CodecError("the learned codec needs the `constriction` package: pip install constriction") from error
+    return stream
+
+
+@dataclass(frozen=True)
+class ChannelTables:
+    """Probability tables for one rate point: `pmf` (C, L) zero-padded rows, `length` (C,), `offset` (C,)."""
+
+    pmf: np.ndarray
+    length: np.ndarray
+    offset: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.pmf.ndim != 2 or self.length.shape != (self.pmf.shape[0],) or self.offset.shape != self.length.shape:
+            raise ValueError("entropy tables: pmf (C, L), length (C,) and offset (C,) do not agree")
+        if (self.length < 2).any() or (self.length > self.pmf.shape[1]).any():
+            raise ValueError("entropy tables: every channel needs 2..L entries (symbols + escape)")
+
+
+class FactorizedEntropyCoder:
+    """Encodes (C, H, W) integer latents channel by channel with fixed per-channel models."""
+
+    def __init__(self, tables: ChannelTables) -> None:
+        stream = _coder()
+        self.tables = tables
+        # Built once: constructing a model quantises its probabilities to fixed point, a
+        # deterministic step that both ends must do identically (perfect=False on both).
+        self._models = [
+            stream.model.Categorical(tables.pmf[c, : tables.length[c]].astype(np.float64), perfect=False)
+            for c in range(tables.pmf.shape[0])
+        ]
+        self._bits = stream.model.Uniform(_MAX_ESCAPE_BITS + 1)
+        self._stream = stream
+
+    @property
+    def channels(self) -> int:
+        return len(self._models)
+
+    def encode(self, symbols: np.ndarray) -> bytes:
+        """(C, H, W) int latent (already rounded around the medians) -> bytes."""
+        if symbols.ndim != 3 or symbols.shape[0] != self.channels:
+            raise ValueError(f"expected a ({self.channels}, H, W) latent, got {symbols.shape}")
+        escape = (self.tables.length - 1).astype(np.int64)[:, None]  # index of each channel's escape
+        values = symbols.reshape(self.channels, -1).astype(np.int64) - self.tables.offset[:, None]
+        outside = (values < 0) | (values >= escape)
+        coded = np.where(outside, escape, values).astype(np.int32)
+        # Escaped values as non-negative integers (zig-zag), in channel-major order.
+        overflow = values[outside]
+        overflow = np.where(overflow < 0, -2 * overflow - 1, 2 * (overflow - np.broadcast_to(escape, values.shape)[outside]))
+        coder = self._stream.stack.AnsCoder()
+        # A stack: push in the reverse of the decoding order (regular symbols first, then escapes).
+        for value in overflow[::-1]:
+            nbits = int(value).bit_length()
+            if nbits > _MAX_ESCAPE_BITS:
+                raise ValueError(f"latent value out of range ({value})")
+            if nbits:
+                coder.encode_reverse(np.array([value], np.int32), self._stream.model.Uniform(1 << nbits))
+            coder.encode_reverse(np.array([nbits], np.int32), self._bits)
+        for c in reversed(range(self.channels)):
+            coder.encode_reverse(coded[c], self._models[c])
+        words = coder.get_compressed()
+        if sys.byteorder == "big":  # pragma: no cover - the wire format is little-endian
+            words = words.byteswap()
+        return words.astype("<u4").tobytes()
+
+    def decode(self, payload: bytes, height: int, width: int) -> np.ndarray:
+        if len(payload) % 4:
+            raise CodecError(f"corrupt payload: {len(payload)} bytes is not a whole number of 32-bit words")
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        coder = self._stream.stack.AnsCoder(words)
+        count = height * width
+        try:
+            coded = np.stack([coder.decode(self._models[c], count) for c in range(self.channels)]).astype(np.int64)
+            escape = (self.tables.length - 1).astype(np.int64)[:, None]
+            outside = coded == escape
+            overflow = []
+            for _ in range(int(outside.sum())):
+                nbits = int(coder.decode(self._bits, 1)[0])
+                overflow.append(int(coder.decode(self._stream.model.Uniform(1 << nbits), 1)[0]) if nbits else 0)
+        except (ValueError, RuntimeError) as error:
+            raise CodecError(f"corrupt payload: the entropy decoder failed ({error})") from error
+        if not coder.is_empty():
+            raise CodecError("corrupt payload: data left over after the last symbol")
+        values = coded.copy()
+        if overflow:
+            zigzag = np.array(overflow, dtype=np.int64)
+            high = np.broadcast_to(escape, values.shape)[outside]
+            values[outside] = np.where(zigzag % 2 == 1, -(zigzag + 1) // 2, high + zigzag // 2)
+        return (values + self.tables.offset[:, None]).reshape(self.channels, height, width)

@@ -1,0 +1,190 @@
+"""The learned, identity-preserving face codec at run time: ONNX Runtime + static entropy tables.
+
+    codec = LearnedFaceCodec.load("default", quality=3)
+    data = codec.encode(face)        # HxWx3 uint8 RGB, any size -> a few hundred bytes
+    face = codec.decode(data)        # bytes -> HxWx3 uint8 RGB, or a CodecError
+
+A codec bundle is a manifest (`runtime/manifests/codec-<name>.json`) naming three files with
+their sha256: the analysis transform (`encoder`), the synthesis transform (`decoder`), both
+ONNX, and the entropy tables (`tables`, .npz: per-quality gains, inverse gains, medians and
+per-channel probability tables). They are produced by `facelink.export.codec` (torch); nothing
+here needs torch. The codec id on the wire, `flc-<name>-<tag>`, carries a tag derived from the
+three files' hashes, so bytes made by one set of weights are never decoded by another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from facelink.config import BackendConfig
+
+from ..backends import create_backend
+from ..manifest import ManifestError, bundled_manifests, file_sha256
+from . import bitstream
+from .base import CodecError
+from .entropy import ChannelTables, FactorizedEntropyCoder
+from .standard import check_image
+
+CODEC_PREFIX = "codec-"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class BundleFile(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CodecManifest(_Strict):
+    manifest_version: int = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = "1"
+    encoder: BundleFile
+    decoder: BundleFile
+    tables: BundleFile
+    stride: int = Field(16, gt=0, description="total downsampling: pictures are padded to a multiple of it")
+    qualities: int = Field(gt=0)
+    latent_channels: int = Field(gt=0)
+    license: str | None = None
+    description: str | None = None
+    training: dict[str, object] = Field(default_factory=dict, description="how the weights were made")
+
+    @property
+    def tag(self) -> bytes:
+        digest = hashlib.sha256((self.encoder.sha256 + self.decoder.sha256 + self.tables.sha256).encode())
+        return digest.digest()[: bitstream.TAG_BYTES]
+
+    @property
+    def codec_id(self) -> str:
+        return f"flc-{self.name}-{self.tag.hex()}"
+
+
+def codec_manifests() -> dict[str, Path]:
+    """Bundled learned codecs by name (manifests named `codec-<name>.json`)."""
+    return {name[len(CODEC_PREFIX) :]: path for name, path in bundled_manifests().items() if name.startswith(CODEC_PREFIX)}
+
+
+def load_codec_manifest(name_or_path: str | Path) -> tuple[CodecManifest, Path]:
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        bundled = codec_manifests()
+        if str(name_or_path) not in bundled:
+            raise ManifestError(f"no learned codec named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
+        path = bundled[str(name_or_path)]
+    try:
+        return CodecManifest.model_validate(json.loads(path.read_text())), path
+    except (OSError, json.JSONDecodeError, ValidationError) as error:
+        raise ManifestError(f"codec manifest {path} is invalid: {error}") from error
+
+
+class LearnedFaceCodec:
+    versions = (bitstream.VERSION,)
+
+    def __init__(self, manifest: CodecManifest, folder: Path, quality: int, backend: BackendConfig = BackendConfig()) -> None:
+        if not 1 <= quality <= manifest.qualities:
+            raise ValueError(f"codec {manifest.name!r} has qualities 1..{manifest.qualities}, got {quality}")
+        self.manifest = manifest
+        self.quality = quality
+        self._folder = folder
+        self._backend = backend
+        self._lock = threading.Lock()  # lazily built sessions are shared by gRPC worker threads
+        tables = np.load(self._verified(manifest.tables, "tables"))
+        self._gain = tables["gain"].astype(np.float32)
+        self._inverse_gain = tables["inverse_gain"].astype(np.float32)
+        self._medians = tables["medians"].astype(np.float32)
+        self._tables = [
+            ChannelTables(tables["pmf"][q], tables["length"][q].astype(np.int64), tables["offset"][q].astype(np.int64))
+            for q in range(manifest.qualities)
+        ]
+        self._coders: dict[int, FactorizedEntropyCoder] = {}
+
+    @classmethod
+    def load(cls, name: str | Path = "default", quality: int = 3, backend: BackendConfig = BackendConfig()) -> "LearnedFaceCodec":
+        manifest, path = load_codec_manifest(name)
+        return cls(manifest, path.parent, quality, backend)
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def codec_id(self) -> str:
+        return self.manifest.codec_id
+
+    @property
+    def version(self) -> int:
+        return bitstream.VERSION
+
+    @property
+    def description(self) -> str:
+        return f"facelink learned face codec {self.manifest.name!r}, qualities 1-{self.manifest.qualities}"
+
+    # -- models, built on first use ----------------------------------------------------------
+    def _verified(self, entry: BundleFile, what: str) -> Path:
+        path = Path(entry.file) if Path(entry.file).is_absolute() else self._folder / entry.file
+        if not path.is_file():
+            raise ManifestError(f"codec {self.manifest.name!r}: {what} file {path} does not exist")
+        if file_sha256(path) != entry.sha256:
+            raise ManifestError(f"codec {self.manifest.name!r}: {path} does not match the sha256 in the manifest")
+        return path
+
+    @cached_property
+    def _encoder(self):  # noqa: ANN202
+        with self._lock:
+            return create_backend(self._verified(self.manifest.encoder, "encoder"), self._backend)
+
+    @cached_property
+    def _decoder(self):  # noqa: ANN202
+        with self._lock:
+            return create_backend(self._verified(self.manifest.decoder, "decoder"), self._backend)
+
+    def _coder(self, quality: int) -> FactorizedEntropyCoder:
+        coder = self._coders.get(quality)
+        if coder is None:
+            coder = self._coders[quality] = FactorizedEntropyCoder(self._tables[quality - 1])
+        return coder
+
+    # -- the codec ---------------------------------------------------------------------------
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        stride = self.manifest.stride
+        return math.ceil(height / stride), math.ceil(width / stride)
+
+    def encode(self, image: np.ndarray) -> bytes:
+        image = check_image(image)
+        height, width = image.shape[:2]
+        h, w = self.latent_size(width, height)
+        stride = self.manifest.stride
+        # Edge-replicate padding: a flat border costs almost no bits and leaves no seam.
+        padded = np.pad(image, ((0, h * stride - height), (0, w * stride - width), (0, 0)), mode="edge")
+        x = (padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+        backend = self._encoder
+        y = backend.run({backend.input_names[0]: np.ascontiguousarray(x)})[0][0]
+        q = self.quality - 1
+        symbols = np.rint(y * self._gain[q][:, None, None] - self._medians[q][:, None, None]).astype(np.int64)
+        payload = self._coder(self.quality).encode(symbols)
+        return bitstream.pack(bitstream.Header(self.manifest.tag, self.quality, width, height), payload)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        header, payload = bitstream.unpack(data)
+        if header.codec_tag != self.manifest.tag:
+            raise CodecError(
+                f"bitstream was made by another codec (tag {header.codec_tag.hex()}, this is {self.manifest.tag.hex()}: "
+                f"{self.codec_id})"
+            )
+        if not 1 <= header.quality <= self.manifest.qualities:
+            raise CodecError(f"corrupt bitstream: quality {header.quality} is outside 1..{self.manifest.qualities}")
+        h, w = self.latent_size(header.width, header.height)
+        symbols = self._coder(header.quality).decode(payload, h, w)
+        q = header.quality - 1
+        y_hat = (symbols.astype(np.float32) + self._medians[q][:, None, None]) * self._inverse_gain[q][:, None, None]
+        backend = self._decoder
+        x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
+        image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(image[: header.height, : header.width])

@@ -1,0 +1,99 @@
+"""The learned codec's run time: bitstream v1, entropy coding, padding, typed errors.
+
+The networks here are synthetic (see learned_codec_fixture.py); the trained codec's own
+tests live with its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facelink.runtime.codecs import CodecError
+from facelink.runtime.codecs import bitstream
+from facelink.runtime.codecs.entropy import ChannelTables, FactorizedEntropyCoder
+from facelink.runtime.codecs.learned import LearnedFaceCodec
+
+from .learned_codec_fixture import CHANNELS, laplace_tables, make_bundle
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("codec"))
+
+
+def smooth_face(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), (x + y) % 256], -1).astype(np.uint8)
+
+
+def coder() -> FactorizedEntropyCoder:
+    t = laplace_tables()
+    return FactorizedEntropyCoder(ChannelTables(t["pmf"][1], t["length"][1].astype(np.int64), t["offset"][1].astype(np.int64)))
+
+
+@pytest.mark.parametrize("size", [(128, 128), (112, 112), (37, 53), (250, 250)])
+def test_any_picture_size_round_trips(bundle: Path, size: tuple[int, int]) -> None:
+    codec = LearnedFaceCodec.load(bundle, quality=2)
+    data = codec.encode(smooth_face(*size))
+    decoded = codec.decode(data)
+    assert decoded.shape == (*size, 3) and decoded.dtype == np.uint8
+    assert codec.decode(data).tobytes() == decoded.tobytes()  # decoding is a function of the bytes
+    assert codec.codec_id.startswith("flc-synthetic-") and len(codec.codec_id) == len("flc-synthetic-") + 8
+
+
+def test_entropy_coding_is_exact_including_escapes() -> None:
+    rng = np.random.default_rng(3)
+    symbols = rng.laplace(0, 3, size=(CHANNELS, 5, 7)).round().astype(np.int64)
+    symbols[0, 0, 0], symbols[3, 2, 1], symbols[7, 4, 6] = 500, -70_000, 21  # outside the tables
+    payload = coder().encode(symbols)
+    np.testing.assert_array_equal(coder().decode(payload, 5, 7), symbols)
+
+
+def test_golden_bitstream_decodes_to_the_committed_symbols() -> None:
+    """Bytes written once and committed must decode to the same symbols on every machine."""
+    golden = np.load(DATA / "golden_entropy.npz")
+    np.testing.assert_array_equal(coder().decode(golden["payload"].tobytes(), 4, 4), golden["symbols"])
+    assert coder().encode(golden["symbols"]) == golden["payload"].tobytes()
+
+
+def test_corrupt_truncated_and_foreign_streams_raise_typed_errors(bundle: Path, tmp_path: Path) -> None:
+    codec = LearnedFaceCodec.load(bundle, quality=1)
+    data = codec.encode(smooth_face(128, 128))
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    cases = {
+        "checksum mismatch": bytes(flipped),
+        "truncated": data[:9],
+        "not a facelink learned-codec bitstream": b"\xff\xd8" + data[2:],
+        "version 9 is not supported": data[:2] + b"\x09" + data[3:],
+    }
+    for message, stream in cases.items():
+        with pytest.raises(CodecError, match=message):
+            codec.decode(stream)
+    other = LearnedFaceCodec.load(make_bundle(tmp_path / "other", name="other", seed=1), quality=1)
+    with pytest.raises(CodecError, match="made by another codec"):
+        other.decode(data)
+
+
+def test_header_fields_and_quality_bounds(bundle: Path) -> None:
+    codec = LearnedFaceCodec.load(bundle, quality=1)
+    header, _ = bitstream.unpack(codec.encode(smooth_face(40, 70)))
+    assert (header.width, header.height, header.quality, header.codec_tag) == (70, 40, 1, codec.manifest.tag)
+    with pytest.raises(ValueError, match="qualities 1..2"):
+        LearnedFaceCodec.load(bundle, quality=3)
+
+
+def test_a_tampered_weights_file_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from facelink.runtime.manifest import ManifestError
+
+    folder = tmp_path / "tampered"
+    manifest = make_bundle(folder)
+    (folder / "decoder.onnx").write_bytes((folder / "decoder.onnx").read_bytes() + b"\0")
+    codec = LearnedFaceCodec.load(manifest, quality=1)
+    with pytest.raises(ManifestError, match="does not match the sha256"):
+        codec.decode(codec.encode(smooth_face(32, 32)))
