@@ -313,11 +313,11 @@ examples:
 
 
 # -- export -------------------------------------------------------------------------------------
-def _export_manifest(args: argparse.Namespace) -> int:
+def _export_manifest(name: str) -> int:
     from facelink.runtime.manifest import ManifestError, file_sha256, load_manifest
 
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = load_manifest(name)
         path = manifest.resolve_file()
         weights = manifest.weights(verify=manifest.sha256 is not None)
     except ManifestError as error:
@@ -328,31 +328,150 @@ def _export_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_batch(text: str) -> int | str:
+    if text == "dynamic":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a batch size or 'dynamic', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a batch size must be at least 1, got {value}")
+    return value
+
+
+def _export_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}")
+    return int(width), int(height)
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.model == "manifest":
+        if not args.manifest:
+            print("error: export manifest needs a manifest name or path", file=sys.stderr)
+            return 2
+        return _export_manifest(args.manifest)
+    if args.manifest:
+        print(f"error: unexpected argument {args.manifest!r}", file=sys.stderr)
+        return 2
+    if args.calib and not args.int8:
+        print("error: --calib only applies with --int8", file=sys.stderr)
+        return 2
+    return _export_model(args)
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    import shlex
+
+    from facelink.config import cache_dir
+    from facelink.export.deploy.parity import parity_table
+    from facelink.export.deploy.pipeline import ExportOptions, export_engine, export_onnx, export_triton
+    from facelink.export.deploy.source import resolve_source
+    from facelink.export.triton import TritonOptions
+    from facelink.runtime.backends import BackendUnavailableError
+
+    precision = "fp16" if args.half else "int8" if args.int8 else "fp32"
+    batch = args.batch or ("dynamic" if args.format == "triton" else "keep")
+    out = args.out or (cache_dir() / "exports")
+    options = ExportOptions(precision=precision, batch=batch, input_size=args.input_size, calib=args.calib or "lfw",
+                            calib_count=args.calib_count, parity_count=args.parity_count, max_batch=args.max_batch,
+                            command=shlex.join(["facelink", "export", *sys.argv[2:]]))
+    try:
+        source = resolve_source(args.model)
+        if args.format == "triton":
+            triton = TritonOptions(max_batch_size=args.max_batch, queue_delay_us=args.queue_delay_us,
+                                   instance_kind=f"KIND_{args.instance_kind.upper()}", instances=args.instances)
+            folder, exported = export_triton(source, options, out, args.triton_platform, triton, cache_dir() / "exports")
+            written = [folder / "config.pbtxt", folder / str(triton.version), exported.record_path]
+        else:
+            exported = (export_engine if args.format == "engine" else export_onnx)(source, options, out)
+            written = [exported.path, exported.manifest_path, exported.record_path]
+    except (ValueError, FileNotFoundError, BackendUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    for note in exported.notes:
+        print(note)
+    print()
+    print("\n".join(parity_table(exported.parity)))
+    print("\nparity: against the fp32 source run by ONNX Runtime one input at a time; cosine for embeddings.")
+    if args.format != "triton":
+        print(f"run it: facelink cloud serve --recognizer {exported.manifest_path}   (or create_recognizer(path))"
+              if source.task == "recognition" else f"manifest: {exported.manifest_path}")
+    return 0
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="model manifests now; training and ONNX/TensorRT export as they land",
+        help="export a model to ONNX (fp32/fp16/int8), a TensorRT engine or a Triton repository",
         formatter_class=_FORMATTER,
         description="""\
-Models reach facelink through manifests (JSON): weights file, sha256, input size, colour
-order, normalisation, alignment template, embedding size, flip augmentation, threshold.
-`export manifest` checks one against its weights. Bundled manifests: see
-runtime/manifests/. Training and export (torch) install with `pip install 'facelink[export]'`.""",
+Export MODEL (a manifest name such as mobilefacenet or yunet, a path to a manifest, or
+BUNDLE:COMPONENT for one ONNX file of a bundle such as a codec's encoder) for deployment:
+
+  onnx    opset 17, ONNX checker, graph simplification (onnxslim), optional static or
+          dynamic batch, fp16 (--half) or int8 QDQ (--int8, calibrated on --calib data)
+  engine  a TensorRT engine built on THIS machine's GPU (cached under a key of GPU, compute
+          capability, TensorRT version and model sha256; never loaded on another)
+  triton  a Triton model repository entry under --out (config.pbtxt, 1/model.onnx or .plan)
+
+Each file is written with a manifest (same fields, new file and sha256, the precision in
+its description; fp16/int8 also suffix the version, so the model id differs) and a
+<name>.export.json record, then checked against the fp32 source: max abs error, and cosine
+for embeddings, printed as a table. Calibration and parity inputs are made by the runtime's
+own detector, alignment and preprocessing from LFW pictures pairs.txt does NOT reference.
+
+`facelink export manifest NAME` checks a manifest against its weights' sha256.""",
         epilog="""\
 examples:
-  facelink export manifest mobilefacenet
-  facelink export manifest path/to/my-arcface.json""",
+  facelink export mobilefacenet --batch dynamic                 # fp32 ONNX, any batch
+  facelink export mobilefacenet --int8 --calib lfw --batch dynamic
+  facelink export mobilefacenet --half --out models/
+  facelink export yunet --int8 --input-size 640x480 --calib photos/
+  facelink export mobilefacenet --format engine --half          # on the Jetson / GPU host
+  facelink export mobilefacenet --format triton --out triton-repo/ --max-batch 64
+  facelink export manifest mobilefacenet                        # verify a manifest's weights""",
     )
-    cmds = p.add_subparsers(dest="export_command", required=True, metavar="{manifest}")
-    manifest = cmds.add_parser("manifest", help="validate a manifest and verify its weights' sha256")
-    manifest.add_argument("manifest", help="bundled name (mobilefacenet, dlib-resnet, yunet) or path to a .json")
-    _add_common(manifest)
-    manifest.set_defaults(func=_export_manifest)
+    p.add_argument("model", metavar="MODEL", help="manifest name or path (NAME:COMPONENT for a bundle), or 'manifest'")
+    p.add_argument("manifest", nargs="?", metavar="MANIFEST", help="with 'manifest': the manifest name or path to check")
+    p.add_argument("--format", choices=["onnx", "engine", "triton"], default="onnx", help="what to write (default onnx)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--half", action="store_true", help="fp16")
+    precision.add_argument("--int8", action="store_true", help="int8 (QDQ for ONNX; calibrated engine for TensorRT < 11)")
+    p.add_argument("--calib", metavar="DATA",
+                   help="int8 calibration data: lfw (default; pictures pairs.txt does not use), a folder of pictures, "
+                        "or a .npz of input tensors keyed by input name")
+    p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration faces/pictures (default 256)")
+    p.add_argument("--parity-count", type=int, default=64, metavar="N", help="inputs for the parity check (default 64)")
+    p.add_argument("--batch", type=_export_batch, metavar="N|dynamic",
+                   help="static batch N or a dynamic batch (default: keep the source's; triton: dynamic)")
+    p.add_argument("--input-size", type=_export_size, metavar="WxH",
+                   help="pin a dynamic image size (TensorRT needs it for YuNet; a multiple of 32)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default ~/.cache/facelink/exports; for triton: the model repository)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="largest batch of a dynamic TensorRT profile / Triton's max_batch_size (default 16)")
+    triton = p.add_argument_group("triton")
+    triton.add_argument("--triton-platform", choices=["onnxruntime_onnx", "tensorrt_plan"], default="onnxruntime_onnx",
+                        help="serve the ONNX file, or a TensorRT plan built here (default onnxruntime_onnx)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    triton.add_argument("--instance-kind", choices=["gpu", "cpu"], default="gpu", help="where instances run (default gpu)")
+    triton.add_argument("--queue-delay-us", type=int, default=500,
+                        help="how long Triton may hold a request to fill a batch (default 500 us)")
+    _add_common(p)
+    p.set_defaults(func=_export)
 
 
 # -- bench --------------------------------------------------------------------------------------
 BENCHMARKS = {
     "verification": "facelink.benchmarks.verification",
+    "rate-accuracy": "facelink.benchmarks.rate_accuracy",
+    "quantization": "facelink.benchmarks.quantization",
+    "latency": "facelink.benchmarks.latency",
 }
 
 

@@ -1,0 +1,111 @@
+"""What `facelink export MODEL` exports: one ONNX file named by a manifest, and its manifest.
+
+MODEL is a bundled manifest name or a path to a manifest, optionally followed by
+`:component`. A model manifest (runtime.manifest.ModelManifest) names one file. Bundles
+name several (a learned codec's manifest has `encoder` and `decoder`, each an object with
+`file` and `sha256`): `codec-default:encoder` picks one. Both are handled as plain JSON, so a
+new kind of manifest plugs in with no change here as long as its ONNX files sit in
+`{"file": ..., "sha256": ...}` objects resolved by the runtime's rules (`${shared}/`,
+`${cache}/`, or relative to the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from facelink.runtime.manifest import (
+    ManifestError,
+    ModelManifest,
+    bundled_manifests,
+    file_sha256,
+    load_manifest,
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    label: str  # "mobilefacenet", "codec-default:encoder"
+    manifest_path: Path
+    data: dict[str, Any]  # the manifest's JSON
+    component: str | None  # None: the manifest's top-level `file`
+    onnx_path: Path
+    sha256: str
+    manifest: ModelManifest | None  # typed, when the JSON is a model manifest
+
+    @property
+    def name(self) -> str:
+        base = str(self.data.get("name", self.manifest_path.stem))
+        return f"{base}-{self.component}" if self.component else base
+
+    @property
+    def task(self) -> str | None:
+        return self.manifest.task if self.manifest is not None else None
+
+
+def _manifest_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ManifestError(f"manifest {path} does not exist")
+        return path.resolve()
+    bundled = bundled_manifests()
+    if name_or_path not in bundled:
+        raise ManifestError(
+            f"no manifest named {name_or_path!r}; bundled: {', '.join(sorted(bundled))}, "
+            "or pass a path to a .json file"
+        )
+    return bundled[name_or_path]
+
+
+def _onnx_components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        key: value
+        for key, value in data.items()
+        if isinstance(value, dict) and str(value.get("file", "")).endswith(".onnx")
+    }
+
+
+def resolve_source(model: str) -> ModelSource:
+    """The ONNX file behind MODEL, checked against the manifest's sha256."""
+    name_or_path, _, component = model.partition(":")
+    path = _manifest_path(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"manifest {path} is not valid JSON: {error}") from error
+    components = _onnx_components(data)
+    if not component and "file" not in data and components:
+        raise ManifestError(
+            f"{name_or_path} is a bundle of several ONNX files: export one of them as "
+            + " or ".join(f"{name_or_path}:{c}" for c in components)
+        )
+    if component:
+        if component not in components:
+            raise ManifestError(
+                f"{path} has no ONNX component {component!r} (has: {', '.join(components) or 'none'})"
+            )
+        entry, manifest = components[component], None
+    else:
+        manifest = load_manifest(path)
+        if manifest.format != "onnx":
+            raise ManifestError(
+                f"{manifest.name!r} is a {manifest.format} model, not ONNX: nothing to export "
+                "(dlib-resnet has an ONNX twin: dlib-resnet-onnx)"
+            )
+        entry = {"file": manifest.file, "sha256": manifest.sha256}
+    # The runtime's own resolution and sha256 check, whatever kind of manifest this is.
+    resolver = ModelManifest.model_validate(
+        {
+            "name": str(data.get("name", "model")),
+            "task": "detection",
+            "file": entry["file"],
+            "sha256": entry.get("sha256"),
+            "origin": path,
+        }
+    )
+    onnx_path = resolver.weights()
+    label = f"{name_or_path}:{component}" if component else name_or_path
+    return ModelSource(label, path, data, component or None, onnx_path, file_sha256(onnx_path), manifest)

@@ -1,0 +1,121 @@
+"""ONNX Runtime: the backend that runs everywhere.
+
+Execution providers come from `BackendConfig.providers`, in order of preference. Each entry is
+a provider name, optionally followed by its options:
+
+    "CPUExecutionProvider"
+    "CUDAExecutionProvider:device_id=0"
+    "TensorrtExecutionProvider:trt_fp16_enable=1,trt_engine_cache_path=/var/cache/facelink/trt"
+
+TensorRT execution provider options worth knowing (all strings; ONNX Runtime documents the
+rest): `trt_fp16_enable` (1: let TensorRT pick fp16 kernels), `trt_int8_enable` (1: int8; give
+it a QDQ model from `facelink export MODEL --int8`, or a calibration table through
+`trt_int8_calibration_table_name`), `trt_engine_cache_enable` / `trt_engine_cache_path` (keep
+built engines on disk), `trt_timing_cache_enable` / `trt_timing_cache_path`,
+`trt_max_workspace_size` (bytes), `device_id`. TensorRT 11 removed weak typing: there the fp16 /
+int8 flags do nothing, and the precision comes from the model file itself (`--half`, `--int8`).
+
+facelink turns the engine and timing caches on by default, because without them the provider
+rebuilds every engine at each process start (minutes on a Jetson). The default cache folder is
+named after the ONNX Runtime and TensorRT versions: ONNX Runtime does not invalidate cached
+engines when either changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from facelink.config import BackendConfig, cache_dir
+
+from .base import BackendUnavailableError
+from .tensorrt_backend import tensorrt_version
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+_INSTALL_HINT = {
+    CUDA: "install onnxruntime-gpu (x86_64), or NVIDIA's onnxruntime-gpu wheel for Jetson (see deploy/jetson/README.md)",
+    TENSORRT: "install onnxruntime-gpu with TensorRT's libraries on the library path (on a Jetson: JetPack + NVIDIA's "
+    "onnxruntime-gpu wheel, see deploy/jetson/README.md)",
+}
+
+
+def parse_provider(spec: str) -> tuple[str, dict[str, str]]:
+    """ "Name" or "Name:key=value,key=value" -> (name, options)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"provider {spec!r}: options are key=value pairs separated by commas, got {item!r}"
+            )
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def tensorrt_provider_defaults() -> dict[str, str]:
+    folder = cache_dir() / "ort-tensorrt" / f"ort-{_ort_version()}-trt-{tensorrt_version() or 'unknown'}"
+    return {
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(folder),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(folder),
+    }
+
+
+def session_providers(specs: tuple[str, ...], available: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """`BackendConfig.providers` as ONNX Runtime takes them; a clear error for one not in this build."""
+    providers = [parse_provider(spec) for spec in specs]
+    missing = [name for name, _ in providers if name not in available]
+    if missing:
+        hints = "; ".join(f"{name}: {_INSTALL_HINT[name]}" for name in missing if name in _INSTALL_HINT)
+        raise BackendUnavailableError(
+            f"ONNX Runtime execution provider(s) {', '.join(missing)} are not in the installed onnxruntime build "
+            f"(available: {', '.join(available)})" + (f". {hints}" if hints else "")
+        )
+    return [
+        (name, {**tensorrt_provider_defaults(), **options} if name == TENSORRT else options)
+        for name, options in providers
+    ]
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, path: str | Path, config: BackendConfig = BackendConfig()) -> None:
+        import onnxruntime as ort  # imported here so that manifests and alignment load without it
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config.intra_op_threads
+        # One inference at a time per session: parallelism across faces comes from the caller,
+        # and inter-op threads only add contention on a 2-core board.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = session_providers(config.providers, ort.get_available_providers())
+        for name, provider_options in providers:
+            if name == TENSORRT:
+                Path(provider_options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # A provider that is compiled in but cannot load its libraries (no CUDA driver, no
+        # libnvinfer) makes ONNX Runtime fall back silently; a deployment must know.
+        requested, active = providers[0][0], self.session.get_providers()
+        if requested not in active:
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not start {requested} for {path} (active: {', '.join(active)}); "
+                "its libraries (CUDA, cuDNN, TensorRT) are probably missing from the library path"
+            )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, inputs)
