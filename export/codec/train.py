@@ -1,0 +1,518 @@
+"""Train the face codec on the CPU, resumably.
+
+    python -m facelink.export.codec.train --run-dir ~/.cache/facelink/runs/codec-v1 [--resume] [--max-minutes 150]
+
+A run directory holds everything about one run:
+
+* `config.json`   -- the `TrainConfig` (written when the run starts, read back on resume);
+* `checkpoint.pt` -- model, both optimisers and the position in the schedule, written every
+                     `checkpoint_minutes`, at the end of each epoch, and when the run stops
+                     (time budget, Ctrl-C, SIGTERM); always tmp + rename, so a crash mid-write
+                     never destroys the previous one;
+* `train.jsonl`   -- every `log_every` steps: per quality, the window's mean loss, bpp
+                     (estimated from the likelihoods), PSNR and teacher cosine; aux loss; speed;
+* `val.jsonl`     -- after every epoch, on held-out celeba-dev identities, per quality: real
+                     bytes per 128x128 face (CompressAI's rANS coder after `update()`), PSNR of
+                     the decoded uint8 image, and the flip-augmented teacher cosine, mean and 5th
+                     percentile;
+* `split.json`    -- the held-out identities (keep them out of any later training, and use them
+                     for the celeba-dev evaluation).
+
+If the run directory has a checkpoint, training resumes from it (with `--resume` a missing
+checkpoint is an error). Batches are drawn from (seed, epoch, batch number) and the torch noise
+is reseeded each step from the same, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .batches import Batch, BatchSampler, split_by_identity
+from .data import FaceCache, build_cache, training_sources
+from .losses import LossTerms, RateDistortionIdentityLoss
+from .model import CODEC_MODELS, FaceCodecModel, create_codec_model
+from .teacher import FaceTeacher, template_matrices, warp_to_template
+
+
+@dataclass
+class TrainConfig:
+    model: str = "default"
+    # One (lambda, mu) per quality, lowest rate first. Lambda doubles per level (rates roughly
+    # 150-600 bytes per 128x128 face); mu = 1000 * lambda keeps the identity term about as
+    # strong as the distortion term at every level (1 - cos shrinks as the rate grows).
+    lambdas: tuple[float, ...] = (0.0004, 0.0008, 0.0016, 0.0032, 0.0064)
+    identity_weights: tuple[float, ...] = (0.4, 0.8, 1.6, 3.2, 6.4)
+    batch_size: int = 16
+    # 5e-4, not CompressAI's 1e-4: a run here is ~10k steps, not millions (gradients are clipped,
+    # and a non-finite step is skipped).
+    lr: float = 5e-4
+    aux_lr: float = 1e-3
+    clip_norm: float = 1.0
+    frame_fraction: float = 0.25
+    frame_sides: tuple[int, ...] = (128, 256)
+    val_identities: int = 32
+    val_images: int = 256
+    epochs: int = 200
+    seed: int = 0
+    # torch intra-op threads. With another busy process on the 2 cores, 2 OpenMP threads wait at
+    # every barrier for a descheduled sibling: measured 5-10x slower than 1 thread; use 1 then.
+    threads: int = 2
+    log_every: int = 25
+    checkpoint_minutes: float = 5.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+#: Settings that may change when a run is resumed; the rest define the run.
+RESUMABLE_OVERRIDES = ("threads", "lr", "epochs", "log_every", "checkpoint_minutes")
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    batch: int = 0  # the next batch of the epoch's plan
+    step: int = 0
+    samples: int = 0
+    seconds: float = 0.0  # training wall time over all sessions of the run
+
+
+def save_checkpoint(
+    path: Path,
+    model: FaceCodecModel,
+    optimizer: torch.optim.Optimizer,
+    aux_optimizer: torch.optim.Optimizer,
+    progress: Progress,
+    config: TrainConfig,
+) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "aux_optimizer": aux_optimizer.state_dict(),
+            "progress": asdict(progress),
+            "config": asdict(config),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: Path, model: FaceCodecModel, optimizer: torch.optim.Optimizer, aux_optimizer: torch.optim.Optimizer
+) -> Progress:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    aux_optimizer.load_state_dict(state["aux_optimizer"])
+    return Progress(**state["progress"])
+
+
+def make_optimizers(
+    model: FaceCodecModel, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    return (
+        torch.optim.Adam(model.main_parameters(), lr=config.lr),
+        torch.optim.Adam(model.aux_parameters(), lr=config.aux_lr),
+    )
+
+
+def _step_seed(seed: int, epoch: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, number, 2]).generate_state(1)[0])
+
+
+def train_step(
+    model: FaceCodecModel,
+    criterion: RateDistortionIdentityLoss,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    aux_optimizer: torch.optim.Optimizer,
+    clip_norm: float,
+) -> tuple[LossTerms, float, bool]:
+    """One optimiser step on the main loss and one on the entropy bottlenecks' aux loss.
+
+    Returns the loss terms, the aux loss, and whether the main step was taken: a batch whose
+    gradient is not finite is skipped rather than allowed to poison the weights of an
+    unattended run (GDN at this learning rate can spike).
+    """
+    model.train()
+    terms = criterion(model(batch.images, batch.quality), batch)
+    optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.main_parameters(), clip_norm)
+    stepped = bool(torch.isfinite(norm))  # a non-finite loss gives a non-finite norm too
+    if stepped:
+        optimizer.step()
+    aux = model.aux_loss()
+    aux_optimizer.zero_grad(set_to_none=True)
+    aux.backward()
+    aux_optimizer.step()
+    return terms, aux.item(), stepped
+
+
+class Window:
+    """Running means over the last logging window, per quality."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, float]] = {}
+        self.aux = 0.0
+        self.steps = 0
+        self.skipped = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, quality: int, terms: LossTerms, aux: float, samples: int, stepped: bool) -> None:
+        self.aux += aux
+        self.steps += 1
+        self.samples += samples
+        if not stepped:
+            self.skipped += 1
+            return
+        row = self.sums.setdefault(quality, {"n": 0, "loss": 0.0, "bpp": 0.0, "mse": 0.0, "cos": 0.0})
+        row["n"] += 1
+        row["loss"] += terms.loss.item()
+        row["bpp"] += terms.bpp.item()
+        row["mse"] += terms.mse.item()
+        row["cos"] += terms.cosine.item()
+
+    def summary(self) -> dict:
+        per_quality = {}
+        for quality, row in sorted(self.sums.items()):
+            n = row["n"]
+            per_quality[f"q{quality}"] = {
+                "n": n,
+                "loss": round(row["loss"] / n, 5),
+                "bpp": round(row["bpp"] / n, 5),
+                "psnr": round(10 * math.log10(1 / max(row["mse"] / n, 1e-10)), 3),
+                "cos": round(row["cos"] / n, 5),
+            }
+        elapsed = time.perf_counter() - self.started
+        return {
+            "aux": round(self.aux / max(self.steps, 1), 3),
+            "skipped": self.skipped,
+            "samples_per_s": round(self.samples / max(elapsed, 1e-9), 2),
+            **per_quality,
+        }
+
+
+@dataclass
+class Validation:
+    """Held-out crops, their teacher matrices and the originals' flip-augmented embeddings."""
+
+    images: Tensor
+    matrices: Tensor
+    reference: Tensor
+
+    @classmethod
+    def build(cls, cache: FaceCache, indices: np.ndarray, teacher: FaceTeacher) -> Validation:
+        indices = np.sort(indices)
+        images = torch.from_numpy(np.array(cache.crops[indices])).permute(0, 3, 1, 2).float() / 255
+        matrices = torch.from_numpy(template_matrices(cache.crop_landmarks[indices], teacher.template))
+        with torch.no_grad():
+            reference = teacher.flip_augmented(warp_to_template(images, matrices, teacher.template.size))
+        return cls(images, matrices, reference)
+
+
+@torch.no_grad()
+def validate(model: FaceCodecModel, teacher: FaceTeacher, data: Validation, chunk: int = 32) -> dict:
+    """Real bitstreams for every quality: bytes, PSNR and teacher cosine of the decoded uint8 faces."""
+    model.eval()
+    # Re-fit the bottlenecks' quantiles to their densities by bisection before building the
+    # tables: the aux loss gets there too, but at its learning rate only after many thousand
+    # steps, and until then the tables would be too narrow or too wide and the bytes misleading.
+    model.update(force=True, update_quantiles=True)
+    _, _, height, width = data.images.shape
+    result = {}
+    for quality in range(1, model.arch.qualities + 1):
+        sizes, errors, cosines = [], [], []
+        for start in range(0, len(data.images), chunk):
+            x = data.images[start : start + chunk]
+            encoded = model.compress(x, quality)
+            sizes += [len(s) for s in encoded["strings"][0]]
+            # What the cloud recognises: the decoded image rounded to uint8.
+            x_hat = (
+                torch.round(model.decompress(encoded["strings"], encoded["shape"], quality)["x_hat"] * 255)
+                / 255
+            )
+            errors.append(((x_hat - x) ** 2).mean(dim=(1, 2, 3)))
+            faces = warp_to_template(x_hat, data.matrices[start : start + chunk], teacher.template.size)
+            cosines.append((teacher.flip_augmented(faces) * data.reference[start : start + chunk]).sum(dim=1))
+        mse, cos = torch.cat(errors), torch.cat(cosines)
+        result[f"q{quality}"] = {
+            "bytes": round(float(np.mean(sizes)), 1),
+            "bpp": round(float(np.mean(sizes)) * 8 / (height * width), 5),
+            "psnr": round(float(10 * torch.log10(1 / mse.mean())), 3),
+            "cos": round(float(cos.mean()), 5),
+            "cos_p5": round(float(torch.quantile(cos, 0.05)), 5),
+        }
+    model.train()
+    return result
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class _StopRequest:
+    """While active, SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step
+    boundary instead of killing it mid-write; the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def run(
+    run_dir: Path,
+    config: TrainConfig,
+    *,
+    max_minutes: float | None = None,
+    cache: FaceCache | None = None,
+    teacher: FaceTeacher | None = None,
+    progress_bar: bool = True,
+) -> Progress:
+    """Train (or resume) the run in `run_dir` until `config.epochs` or `max_minutes`; returns where
+    it stopped. `cache` and `teacher` default to the real ones (tests pass small stand-ins)."""
+    started = time.perf_counter()
+    torch.set_num_threads(config.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / "checkpoint.pt"
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    cache = cache or build_cache(training_sources())
+    train_indices, val_indices = split_by_identity(cache, config.val_identities, config.seed)
+    held_out = sorted(set(cache.identities()[val_indices].tolist()))
+    (run_dir / "split.json").write_text(
+        json.dumps(
+            {"val_identities": held_out, "train_crops": len(train_indices), "val_crops": len(val_indices)},
+            indent=1,
+        )
+        + "\n"
+    )
+    teacher = teacher or FaceTeacher()
+    torch.manual_seed(config.seed)  # the initial weights, so a run is reproducible from its config
+    model = create_codec_model(config.model).to(memory_format=torch.channels_last)
+    if len(config.lambdas) != model.arch.qualities:
+        raise ValueError(f"{len(config.lambdas)} lambdas for a model with {model.arch.qualities} qualities")
+    criterion = RateDistortionIdentityLoss(teacher, config.lambdas, config.identity_weights)
+    optimizer, aux_optimizer = make_optimizers(model, config)
+    progress = Progress()
+    if checkpoint.is_file():
+        progress = load_checkpoint(checkpoint, model, optimizer, aux_optimizer)
+        for group in optimizer.param_groups:  # --lr on resume takes effect
+            group["lr"] = config.lr
+    sampler = BatchSampler(
+        cache,
+        train_indices,
+        teacher.template,
+        batch_size=config.batch_size,
+        frame_fraction=config.frame_fraction,
+        frame_sides=config.frame_sides,
+        qualities=model.arch.qualities,
+        seed=config.seed,
+    )
+    validation = Validation.build(cache, val_indices[: config.val_images], teacher)
+    print(
+        f"{len(cache)} crops: {len(train_indices)} train, {len(val_indices)} held out "
+        f"({len(held_out)} celeba-dev identities, {len(validation.images)} validated per epoch); "
+        f"model {config.model} {model.arch.to_dict()}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
+        f"resuming at epoch {progress.epoch} batch {progress.batch} step {progress.step}",
+        flush=True,
+    )
+
+    with _StopRequest() as stop:
+        return _loop(
+            run_dir,
+            config,
+            model,
+            criterion,
+            optimizer,
+            aux_optimizer,
+            sampler,
+            validation,
+            progress,
+            stop,
+            deadline=None if max_minutes is None else started + max_minutes * 60,
+            progress_bar=progress_bar,
+        )
+
+
+def _loop(
+    run_dir: Path,
+    config: TrainConfig,
+    model: FaceCodecModel,
+    criterion: RateDistortionIdentityLoss,
+    optimizer: torch.optim.Optimizer,
+    aux_optimizer: torch.optim.Optimizer,
+    sampler: BatchSampler,
+    validation: Validation,
+    progress: Progress,
+    stop: _StopRequest,
+    *,
+    deadline: float | None,
+    progress_bar: bool,
+) -> Progress:
+    checkpoint = run_dir / "checkpoint.pt"
+    accounted = last_save = time.perf_counter()
+
+    def save() -> None:
+        nonlocal accounted, last_save
+        now = time.perf_counter()
+        progress.seconds += now - accounted
+        accounted = last_save = now
+        save_checkpoint(checkpoint, model, optimizer, aux_optimizer, progress, config)
+
+    window = Window()
+    while progress.epoch < config.epochs:
+        plan = sampler.epoch_plan(progress.epoch)
+        bar = tqdm(
+            total=len(plan),
+            initial=progress.batch,
+            desc=f"epoch {progress.epoch}",
+            unit="batch",
+            disable=not progress_bar,
+            dynamic_ncols=True,
+            mininterval=1 if sys.stderr.isatty() else 30,
+        )
+        while progress.batch < len(plan):
+            batch = sampler.batch(plan[progress.batch], progress.epoch, progress.batch)
+            torch.manual_seed(_step_seed(config.seed, progress.epoch, progress.batch))
+            terms, aux, stepped = train_step(
+                model, criterion, batch, optimizer, aux_optimizer, config.clip_norm
+            )
+            progress.batch += 1
+            progress.step += 1
+            progress.samples += len(batch.images)
+            window.add(batch.quality, terms, aux, len(batch.images), stepped)
+            bar.update(1)
+            if progress.step % config.log_every == 0:
+                summary = window.summary()
+                _append_jsonl(
+                    run_dir / "train.jsonl",
+                    {
+                        "step": progress.step,
+                        "epoch": progress.epoch,
+                        "samples": progress.samples,
+                        "lr": config.lr,
+                        **summary,
+                    },
+                )
+                bar.set_postfix_str(
+                    " ".join(
+                        f"{k}:{v['bpp']:.3f}bpp/{v['cos']:.3f}"
+                        for k, v in summary.items()
+                        if k.startswith("q")
+                    )
+                    + f" {summary['samples_per_s']:.1f}/s"
+                )
+                window = Window()
+            if stop.requested or (deadline is not None and time.perf_counter() > deadline):
+                bar.close()
+                save()
+                return progress
+            if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
+                save()
+        bar.close()
+        _append_jsonl(
+            run_dir / "val.jsonl",
+            {
+                "epoch": progress.epoch,
+                "step": progress.step,
+                **validate(model, criterion.teacher, validation),
+            },
+        )
+        progress.epoch += 1
+        progress.batch = 0
+        save()
+    return progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument(
+        "--resume", action="store_true", help="require a checkpoint in --run-dir (resuming is automatic)"
+    )
+    parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this much wall time")
+    parser.add_argument("--model", choices=sorted(CODEC_MODELS), help="new runs only")
+    parser.add_argument("--batch-size", type=int, help="new runs only")
+    parser.add_argument("--seed", type=int, help="new runs only")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--epochs", type=int)
+    args = parser.parse_args(argv)
+
+    run_dir = args.run_dir.expanduser()
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "threads": args.threads,
+            "lr": args.lr,
+            "epochs": args.epochs,
+        }.items()
+        if v is not None
+    }
+    saved = run_dir / "config.json"
+    if (run_dir / "checkpoint.pt").is_file():
+        config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        fixed = {
+            k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and v != getattr(config, k)
+        }
+        if fixed:
+            parser.error(
+                f"{run_dir} is an existing run: cannot change {', '.join(fixed)} (use a new --run-dir)"
+            )
+    elif args.resume:
+        parser.error(f"--resume: no checkpoint in {run_dir}")
+    else:
+        config = TrainConfig()
+    config = TrainConfig(**{**asdict(config), **overrides})
+    progress = run(run_dir, config, max_minutes=args.max_minutes)
+    print(
+        f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
+        f"{progress.samples} samples, {progress.seconds / 3600:.2f} h of training in total",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
