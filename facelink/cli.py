@@ -4,6 +4,8 @@
     facelink cloud serve --gallery DIR         run the gRPC service
     facelink cloud enroll NAME PICTURE...      add a person to a running server's gallery
     facelink edge --source SRC --server ADDR   stream faces from a camera, video, RTSP or folder
+    facelink export MODEL --format onnx|engine|triton [--half | --int8]
+                                               export a bundled model for deployment
     facelink export manifest PATH              check a model manifest against its weights
     facelink bench NAME                        run a benchmark from benchmarks/
 
@@ -492,6 +494,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 benchmarks:
   verification   LFW View 2 10-fold verification accuracy of a recogniser through the
                  edge path (detect, align, optional codec round trip)
+  rate-accuracy  verification accuracy against bytes per face: the learned codec, x265,
+                 JPEG, WebP, AVIF, JPEG XL; edge and full-frame protocols
+  quantization   LFW accuracy of a recogniser at fp32, fp16 and int8
+  latency        p50/p99 latency, size and peak memory per model and backend, and the
+                 whole edge path per face
 
 examples:
   facelink bench verification
