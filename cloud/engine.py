@@ -3,6 +3,12 @@
 One engine serves every stream and unary call of a server. Its models are shared between
 threads; ONNX Runtime sessions are safe to call concurrently, and the detectors lock
 internally.
+
+Models. The primary recogniser identifies decoded faces and pictures. Enrollment runs every
+gallery model (the primary among them) once on each picture and stores each embedding; for
+every accepted query model (asymmetric matching: a weak device runs a small query model and
+sends its embedding) the gallery also holds a template derived from those embeddings. An
+embedding payload is matched against the templates of the model that produced it.
 """
 
 from __future__ import annotations
@@ -10,18 +16,32 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from facelink.config import CloudConfig
 from facelink.runtime.alignment import check_landmarks
+from facelink.runtime.asymmetric import (
+    EnsembleManifest,
+    GalleryEnsemble,
+    RejectionPolicy,
+    bundled_ensembles,
+    load_ensemble_manifest,
+)
 from facelink.runtime.detection import FaceDetector, create_detector, largest
+from facelink.runtime.manifest import ManifestError, ModelManifest, load_manifest
 from facelink.runtime.recognition import Recognizer, create_recognizer
 
 from .errors import InvalidArgument
-from .gallery import Gallery
+from .gallery import Gallery, QueryModel
 
 log = logging.getLogger(__name__)
+
+#: The gallery model `auto` adds: dlib's ResNet in ONNX Runtime, trained independently of
+#: MobileFaceNet (which makes the ensemble's disagreement informative) and ~3 ms a face.
+DLIB_ONNX = "dlib-resnet-onnx"
 
 
 class Decision(Enum):
@@ -36,6 +56,18 @@ class Identification:
     decision: Decision
     threshold: float
     model_id: str
+
+
+@dataclass(frozen=True)
+class AcceptedModel:
+    """A model whose embeddings the engine matches, as the capabilities list it."""
+
+    model_id: str
+    role: Literal["recognizer", "query"]  # recognizer: runs here on faces; query: runs on devices
+    dim: int
+    threshold: float  # cosine for a MATCH
+    input: str  # what the model sees, e.g. "112x112 RGB"; "" if unknown
+    sha256: str  # of the weights the id is bound to; "" if its manifest names none
 
 
 @dataclass(frozen=True)
@@ -57,6 +89,94 @@ class RecognitionEngine:
         self.recognizer = recognizer or create_recognizer(config.recognizer, config.backend)
         self._detector = detector
         self.threshold = config.match_threshold if config.match_threshold is not None else self.recognizer.match_threshold
+        self.recognizers = self._gallery_recognizers()
+        self.models = {
+            model_id: _recognizer_model(r, self.threshold if r is self.recognizer else r.match_threshold)
+            for model_id, r in self.recognizers.items()
+        }
+        self.query_models: dict[str, QueryModel] = {}
+        for manifest, path in self._ensembles():
+            query_model, accepted = self._query_model(manifest, path)
+            self.query_models[accepted.model_id] = query_model
+            self.models[accepted.model_id] = accepted
+        # Registering a query model derives its templates from the stored embeddings alone
+        # (backfill-free). Done at every start - seconds for 100k pictures - so the derived
+        # gallery always matches the transforms and rejection settings this server runs with,
+        # including pictures enrolled while the query model was not served.
+        for query_model in self.query_models.values():
+            gallery.rebuild_derived(query_model)
+
+    def _gallery_recognizers(self) -> dict[str, Recognizer]:
+        """The primary recogniser first, then the configured gallery models, by model id."""
+        recognizers: dict[str, Recognizer] = {self.recognizer.model_id: self.recognizer}
+        for entry in self.config.gallery_models:
+            for name in self._auto_gallery_models() if entry == "auto" else [entry]:
+                if load_manifest(name).model_id not in recognizers:
+                    recognizer = create_recognizer(name, self.config.backend)
+                    recognizers[recognizer.model_id] = recognizer
+        return recognizers
+
+    def _auto_gallery_models(self) -> list[str]:
+        # dlib's ResNet again (the no-../shared fallback primary) would only double the work.
+        if self.recognizer.manifest.name.startswith("dlib-resnet"):
+            return []
+        try:
+            load_manifest(DLIB_ONNX).weights()
+        except ManifestError as error:
+            log.warning("gallery model %s left out: %s (python -m facelink.export.dlib_convert makes it)", DLIB_ONNX, error)
+            return []
+        return [DLIB_ONNX]
+
+    def _ensembles(self) -> list[tuple[EnsembleManifest, Path]]:
+        """The configured ensemble manifests, once each; `auto` takes the bundled ones this
+        server runs every gallery model of."""
+        chosen: dict[Path, EnsembleManifest] = {}
+        for entry in self.config.ensembles:
+            for name_or_path in sorted(bundled_ensembles().values()) if entry == "auto" else [entry]:
+                manifest, path = load_ensemble_manifest(name_or_path)
+                missing = [t.gallery_model for t in manifest.transforms if t.gallery_model not in self.recognizers]
+                if entry == "auto" and missing:
+                    log.info("bundled ensemble %s not served: it needs gallery model(s) %s", path.name, ", ".join(missing))
+                    continue
+                chosen[path.resolve()] = manifest
+        return [(manifest, path) for path, manifest in chosen.items()]
+
+    def _query_model(self, manifest: EnsembleManifest, path: Path) -> tuple[QueryModel, AcceptedModel]:
+        """An ensemble checked against the models served here, and its query model's card."""
+        where = f"ensemble {path}"
+        for spec in manifest.transforms:
+            recognizer = self.recognizers.get(spec.gallery_model)
+            if recognizer is None:
+                raise ManifestError(
+                    f"{where} maps gallery model {spec.gallery_model}, which this server does not run "
+                    f"(it runs {', '.join(self.recognizers)}); add it to the gallery models"
+                )
+            # A transform trained for other weights would map into the wrong place, silently.
+            served = recognizer.manifest.sha256
+            if spec.gallery_sha256 and served and spec.gallery_sha256 != served:
+                raise ManifestError(f"{where}: its transform for {spec.gallery_model} was trained for other weights "
+                                    f"(sha256 {spec.gallery_sha256}, served {served})")
+        if manifest.query_model in self.models:
+            raise ManifestError(f"{where}: model {manifest.query_model} is already served; one ensemble per query model")
+        query = _query_manifest(manifest, path)
+        assert query.embedding is not None  # checked by _query_manifest
+        accepted = AcceptedModel(
+            manifest.query_model, "query", manifest.dim, query.embedding.match_threshold,
+            _describe_input(query), manifest.query_sha256 or "",
+        )
+        ensemble = GalleryEnsemble(manifest, path.parent, self.config.backend)
+        return QueryModel(ensemble, self._policy(manifest)), accepted
+
+    def _policy(self, manifest: EnsembleManifest) -> RejectionPolicy:
+        fraction, action = self.config.rejection_fraction, self.config.rejection_action
+        if fraction == 0 or len(manifest.transforms) < 2:  # nothing to reject, or no disagreement to measure
+            return RejectionPolicy(0.0, action)
+        try:
+            # The threshold calibrated on the transforms' training faces: each picture is judged
+            # on its own, the same at enrollment and at every rebuild.
+            return RejectionPolicy.from_manifest(manifest, fraction, action)
+        except ValueError as error:
+            raise ManifestError(f"{error}; choose one of those rejection fractions") from error
 
     @property
     def detector(self) -> FaceDetector:
@@ -77,40 +197,75 @@ class RecognitionEngine:
             raise InvalidArgument(f"{what}: no face found ({image.shape[1]}x{image.shape[0]} image)")
         return face.landmarks, face.box
 
-    def embed(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        return self.recognizer.embed(image, landmarks)
-
     def identify_embedding(self, embedding: np.ndarray, model_id: str) -> Identification:
-        if model_id != self.recognizer.model_id:
-            raise InvalidArgument(
-                f"embeddings of model {model_id!r} are not accepted; accepted: {self.recognizer.model_id!r}"
-            )
-        if embedding.shape != (self.recognizer.dim,):
-            raise InvalidArgument(f"model {model_id!r} embeddings have {self.recognizer.dim} dimensions, got {embedding.size}")
+        """Match an embedding of a gallery model or of an accepted query model against that
+        model's templates (a query model's are the transformed, ensembled gallery)."""
+        model = self.models.get(model_id)
+        if model is None:
+            raise InvalidArgument(f"embeddings of model {model_id!r} are not accepted; accepted: {', '.join(self.models)}")
+        if embedding.shape != (model.dim,):
+            raise InvalidArgument(f"model {model_id!r} embeddings have {model.dim} dimensions, got {embedding.size}")
         norm = float(np.linalg.norm(embedding))
         if norm < 1e-6:
             raise InvalidArgument("embedding is all zeros")
         matches = self.gallery.search(model_id, (embedding / norm)[None], k=1)[0]
         if not matches:
-            return Identification("", 0.0, Decision.UNKNOWN, self.threshold, model_id)
+            return Identification("", 0.0, Decision.UNKNOWN, model.threshold, model_id)
         best = matches[0]
-        decision = Decision.MATCH if best.score >= self.threshold else Decision.UNKNOWN
-        return Identification(best.identity, best.score, decision, self.threshold, model_id)
+        decision = Decision.MATCH if best.score >= model.threshold else Decision.UNKNOWN
+        return Identification(best.identity, best.score, decision, model.threshold, model_id)
 
     def identify(self, image: np.ndarray, landmarks: np.ndarray) -> Identification:
-        return self.identify_embedding(self.embed(image, landmarks), self.recognizer.model_id)
+        return self.identify_embedding(self.recognizer.embed(image, landmarks), self.recognizer.model_id)
 
     def enroll(
         self, identity: str, faces: list[EnrollFace], *, replace: bool = False, metadata: dict[str, str] | None = None
     ) -> tuple[int, int, list[np.ndarray | None]]:
-        """All faces or none: every picture is checked before anything is stored."""
-        embeddings, boxes = [], []
+        """All faces or none: every picture is checked before anything is stored.
+
+        Each face is located once and embedded by every gallery model; the gallery stores those
+        embeddings and derives each query model's template from them. Returns (pictures added,
+        pictures the identity holds, the face box found in each picture or None).
+        """
+        embeddings: dict[str, list[np.ndarray]] = {model_id: [] for model_id in self.recognizers}
+        boxes = []
         for index, face in enumerate(faces):
             landmarks, box = self.locate_face(face.image, face.landmarks, f"image {index}")
-            embeddings.append(self.embed(face.image, landmarks))
+            for model_id, recognizer in self.recognizers.items():
+                embeddings[model_id].append(recognizer.embed(face.image, landmarks))
             boxes.append(box)
-        added, total = self.gallery.enroll(
-            identity, self.recognizer.model_id, np.stack(embeddings), replace=replace, metadata=metadata
+        added, total = self.gallery.enroll_pictures(
+            identity,
+            {model_id: np.stack(vectors) for model_id, vectors in embeddings.items()},
+            list(self.query_models.values()),
+            replace=replace,
+            metadata=metadata,
         )
-        log.info("enrolled %r: %d template(s) added, %d in total", identity, added, total)
+        log.info("enrolled %r: %d picture(s) added, %d in total", identity, added, total)
         return added, total, boxes
+
+
+def _describe_input(manifest: ModelManifest) -> str:
+    spec = manifest.input
+    return f"{spec.width}x{spec.height} {spec.color}" if spec else ""
+
+
+def _recognizer_model(recognizer: Recognizer, threshold: float) -> AcceptedModel:
+    manifest = recognizer.manifest
+    return AcceptedModel(recognizer.model_id, "recognizer", recognizer.dim, threshold, _describe_input(manifest), manifest.sha256 or "")
+
+
+def _query_manifest(ensemble: EnsembleManifest, path: Path) -> ModelManifest:
+    """The query model's own manifest, named by the ensemble: its input, and its match threshold."""
+    where = f"ensemble {path}"
+    if ensemble.query_manifest is None:
+        raise ManifestError(f"{where} names no query_manifest, so the query model's match threshold is unknown")
+    reference = ensemble.query_manifest
+    query = load_manifest(path.parent / reference if reference.endswith(".json") else reference)
+    if query.model_id != ensemble.query_model or query.embedding is None or query.embedding.dim != ensemble.dim:
+        raise ManifestError(f"{where}: its query manifest describes {query.model_id} "
+                            f"({query.embedding.dim if query.embedding else '?'}-d), not {ensemble.query_model} ({ensemble.dim}-d)")
+    if ensemble.query_sha256 and query.sha256 and ensemble.query_sha256 != query.sha256:
+        raise ManifestError(f"{where}: trained for {ensemble.query_model} weights with sha256 {ensemble.query_sha256}, "
+                            f"its manifest says {query.sha256}")
+    return query

@@ -79,8 +79,10 @@ def start_server(config: CloudConfig, engine: RecognitionEngine | None = None) -
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving facelink.v1 on %s:%d (recogniser %s, threshold %.3f, %d identities in %s)",
-        config.host, port, engine.recognizer.model_id, engine.threshold, len(engine.gallery), config.gallery_dir,
+        "serving facelink.v1 on %s:%d (recogniser %s, threshold %.3f; gallery models %s; query models %s; "
+        "%d identities in %s)",
+        config.host, port, engine.recognizer.model_id, engine.threshold, ", ".join(engine.recognizers),
+        ", ".join(engine.query_models) or "none", len(engine.gallery), config.gallery_dir,
     )
     return RunningServer(server, port, engine, health_servicer, metrics)
 

@@ -174,8 +174,6 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
 
     # -- capabilities -------------------------------------------------------------------------
     def GetCapabilities(self, request, context) -> recognition_pb2.Capabilities:  # noqa: ANN001
-        recognizer = self.engine.recognizer
-        spec = recognizer.manifest.input
         return recognition_pb2.Capabilities(
             api_version=API_VERSION,
             server_version=facelink.__version__,
@@ -183,14 +181,12 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
                 recognition_pb2.CodecInfo(codec_id=codec_id, versions=list(info.versions), description=info.description)
                 for codec_id, info in sorted(self._codecs.items())
             ],
+            # Every gallery model ("recognizer", the primary first) and every accepted query model.
             models=[
                 recognition_pb2.ModelInfo(
-                    model_id=recognizer.model_id,
-                    role="recognizer",
-                    embedding_dim=recognizer.dim,
-                    input=f"{spec.width}x{spec.height} {spec.color}" if spec else "",
-                    sha256=recognizer.manifest.sha256 or "",
+                    model_id=model.model_id, role=model.role, embedding_dim=model.dim, input=model.input, sha256=model.sha256
                 )
+                for model in self.engine.models.values()
             ],
             limits=recognition_pb2.Limits(
                 max_message_bytes=self.limits.max_message_bytes,

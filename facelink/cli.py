@@ -86,14 +86,20 @@ def _cloud_serve(args: argparse.Namespace) -> int:
     from .config import CloudConfig
     from facelink.cloud.server import serve
 
+    # Repeatable options left out keep CloudConfig's defaults (auto); `--ensemble none` accepts none.
+    chosen = {"gallery_models": args.gallery_model, "ensembles": args.ensemble}
+    models = {key: () if value == ["none"] else tuple(value) for key, value in chosen.items() if value}
     config = CloudConfig(
         host=args.host,
         port=args.port,
         gallery_dir=args.gallery,
         recognizer=args.recognizer,
         match_threshold=args.threshold,
+        rejection_fraction=args.reject_fraction,
+        rejection_action=args.reject_action,
         workers=args.workers,
         metrics_port=args.metrics_port,
+        **models,
     )
     serve(config)
     return 0
@@ -200,14 +206,39 @@ examples:
         description="""\
 Serve facelink.v1 Recognition and Gallery, the standard gRPC health service and server
 reflection (so `grpcurl -plaintext HOST:PORT list` works). The gallery is a SQLite database
-in WAL mode under --gallery; the search index is rebuilt from it at start.""",
+in WAL mode under --gallery; the search index is rebuilt from it at start.
+
+Enrollment runs every gallery model on each picture and stores each embedding. Devices may
+send embeddings of a gallery model or of an accepted query model (asymmetric matching): a
+query model is matched against a gallery derived from the stored embeddings by its ensemble's
+transforms, re-derived at every start without re-reading a picture. The ensemble's
+disagreement on a picture is its uncertainty; the most uncertain pictures are flagged or
+dropped (kept on record with the reason, never matched by the query model).""",
+        epilog="""\
+examples:
+  facelink cloud serve --gallery ./gallery
+  facelink cloud serve --gallery-model auto --gallery-model arcface-r50.json   # one more gallery model
+  facelink cloud serve --ensemble facelink-query-v1 --reject-fraction 0.05 --reject-action drop
+  facelink cloud serve --ensemble none                                         # no query models""",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     serve.add_argument("--gallery", type=Path, default=Path("gallery"), help="gallery folder (default ./gallery)")
     serve.add_argument("--recognizer", default="auto",
                        help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
-    serve.add_argument("--threshold", type=float, help="cosine match threshold (default: the manifest's)")
+    serve.add_argument("--threshold", type=float, help="cosine match threshold of --recognizer (default: the manifest's)")
+    serve.add_argument("--gallery-model", action="append", metavar="MANIFEST",
+                       help="a recogniser whose embeddings enrollment stores besides --recognizer; repeatable "
+                            "(default auto: dlib-resnet-onnx when its weights are in the cache)")
+    serve.add_argument("--ensemble", action="append", metavar="MANIFEST",
+                       help="an ensemble manifest (bundled name or path) whose query model's embeddings are accepted; "
+                            "repeatable; none for no query models (default auto: every bundled ensemble whose "
+                            "gallery models are all served)")
+    serve.add_argument("--reject-fraction", type=float, default=0.1,
+                       help="the most uncertain fraction of gallery pictures to flag or drop; the ensemble must be "
+                            "calibrated for it; 0 for none (default 0.1)")
+    serve.add_argument("--reject-action", choices=("flag", "drop"), default="flag",
+                       help="flag: keep matching, record why; drop: never match by the query model, record why (default flag)")
     serve.add_argument("--workers", type=int, default=4, help="gRPC worker threads = concurrent streams (default 4)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
     _add_common(serve)

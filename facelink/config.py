@@ -100,7 +100,27 @@ class CloudConfig(_Config):
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     gallery_dir: Path = Field(Path("gallery"), description="where the durable gallery lives")
     recognizer: str = Field("auto", description="manifest name or path; auto: MobileFaceNet if present, else dlib")
-    match_threshold: float | None = Field(None, description="cosine threshold; None takes the recogniser manifest's")
+    match_threshold: float | None = Field(
+        None, description="cosine threshold of `recognizer`; None takes its manifest's (other models always do)"
+    )
+    # Asymmetric matching: enrollment runs every gallery model on each picture and stores each
+    # embedding, and serves each accepted query model from templates derived from those.
+    gallery_models: tuple[str, ...] = Field(
+        ("auto",),
+        description="recognisers (manifest names or paths) whose embeddings enrollment stores, besides `recognizer`, "
+        "which is always one; auto: dlib-resnet-onnx when its weights are reachable",
+    )
+    ensembles: tuple[str, ...] = Field(
+        ("auto",),
+        description="ensemble manifests (bundled names or paths) whose query models' embeddings are accepted; "
+        "auto: every bundled ensemble whose gallery models are all among the gallery models; () accepts none",
+    )
+    rejection_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="most uncertain fraction of gallery pictures the policy acts on (0: none)"
+    )
+    rejection_action: Literal["flag", "drop"] = Field(
+        "flag", description="flag: record the reason, keep matching; drop: record the reason, never match"
+    )
     detector: DetectorConfig = DetectorConfig()
     backend: BackendConfig = BackendConfig()
     workers: int = Field(4, ge=1, description="gRPC worker threads")

@@ -134,7 +134,9 @@ def test_remove_then_search_no_longer_returns_it(gallery, rng):
     gallery.enroll("alice", MODEL, a)
     gallery.enroll("alice", "small", unit(rng, 1, dim=16))
     gallery.enroll("bob", MODEL, b)
-    assert gallery.remove("alice") == 3  # templates of every model
+    # Templates of every model go; the count is of pictures, as list() counts them (the model
+    # holding the most), so it agrees with what Enroll reported.
+    assert gallery.remove("alice") == 2
     assert "alice" not in gallery and len(gallery) == 1
     (matches,) = gallery.search(MODEL, a[:1], k=5)
     assert [m.identity for m in matches] == ["bob"]
@@ -280,6 +282,57 @@ def test_newer_schema_is_refused(tmp_path):
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(GalleryError, match="version 99"):
         Gallery(tmp_path)
+
+
+# The version 1 schema exactly as facelink wrote it (cloud/gallery/store.py at commit 3a1ddc4).
+V1_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS identities (
+        id INTEGER PRIMARY KEY,
+        name TEXT UNIQUE NOT NULL,
+        created_us INTEGER NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}'  -- JSON object of str -> str
+    )""",
+    """CREATE TABLE IF NOT EXISTS templates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity_id INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+        model_id TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        vector BLOB NOT NULL,  -- dim float32 values, little-endian, L2-normalised
+        source TEXT,           -- where the template came from (file name, request id), optional
+        created_us INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS templates_model ON templates(model_id)",
+    "CREATE INDEX IF NOT EXISTS templates_identity_model ON templates(identity_id, model_id)",
+)
+
+
+def test_a_version_1_gallery_is_migrated_in_place_and_stays_searchable(tmp_path, rng):
+    vectors = unit(rng, 2)
+    with sqlite3.connect(tmp_path / "gallery.sqlite3") as conn:  # as version 1 wrote it
+        for statement in V1_SCHEMA:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO identities (name, created_us, metadata) VALUES ('alice', 1, '{\"team\": \"a\"}')")
+        for i, row in enumerate(vectors):
+            conn.execute(
+                "INSERT INTO templates (identity_id, model_id, dim, vector, source, created_us) VALUES (1, ?, ?, ?, ?, 1)",
+                (MODEL, DIM, row.astype("<f4").tobytes(), f"alice{i}.jpg"),
+            )
+    conn.close()
+    for _ in range(2):  # migrated on the first open; the second finds version 2 and leaves it
+        with Gallery(tmp_path) as g:
+            db = g._store._db()
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            columns = [c[1] for c in db.execute("PRAGMA table_info(templates)")]
+            assert columns[-3:] == ["status", "uncertainty", "reason"]
+            (matches,) = g.search(MODEL, near(rng, vectors[1]), k=1)
+            assert matches[0].identity == "alice" and matches[0].score > 0.99
+            records = g.templates_of("alice")
+            assert [(r.picture, r.status, r.uncertainty, r.reason) for r in records] == [
+                ("alice0.jpg", "ok", None, None), ("alice1.jpg", "ok", None, None)]
+            assert g.list()[0][0] == IdentityRecord("alice", 2, 1, {"team": "a"})
+    with Gallery(tmp_path) as g:  # and it takes new templates
+        assert g.enroll("alice", MODEL, unit(rng, 1)) == (1, 3)
 
 
 def test_database_settings(gallery):

@@ -1,5 +1,9 @@
 """The gallery: durable enrollment (SQLite) plus one in-memory faiss index per model.
 
+An enrollment picture is stored as one template per gallery model, all under one picture key,
+plus one template per served query model derived from those (`derived.QueryModel`), so a new
+query model is served from what is stored (`rebuild_derived`) without re-reading a picture.
+
 Every write goes to the store first, in one transaction, and reaches the index only after the
 commit, so a failed enrollment leaves no trace and a crash loses at most what the store lost.
 On open, the indexes are rebuilt from the store: there is no index file to get out of step.
@@ -14,17 +18,22 @@ from __future__ import annotations
 import builtins
 import logging
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import numpy as np
 
+from .derived import QueryModel
 from .index import EmbeddingIndex, Match, unit_rows
 from .store import (
     GalleryError,
     GalleryStore,
     IdentityRecord,
+    TemplateRecord,
+    Templates,
     validate_identity,
     validate_model_id,
 )
@@ -100,22 +109,86 @@ class Gallery:
         vectors = unit_rows(embeddings)
         if len(vectors) == 0:
             raise ValueError("embeddings must hold at least one row")
-        meta = _check_strings(metadata, "metadata")
         if sources is not None:
             sources = list(sources)
             if len(sources) != len(vectors) or not all(isinstance(s, str) for s in sources):
                 raise ValueError(f"sources must be {len(vectors)} strings, one per embedding row")
+        batch = Templates.ok(model_id, vectors, sources or [None] * len(vectors))
+        totals = self._add(name, [batch], "models" if replace else None, metadata)
+        return len(vectors), totals[model_id]
+
+    def enroll_pictures(
+        self,
+        identity: str,
+        embeddings: Mapping[str, np.ndarray],
+        query_models: Sequence[QueryModel] = (),
+        *,
+        replace: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> tuple[int, int]:
+        """Add n pictures of `identity`: {gallery model id: (n, d) embeddings of the same pictures}.
+
+        Stores one template per model and picture, all of a picture's templates sharing a new
+        picture key, and for each of `query_models` the template derived from them with the
+        rejection policy's verdict (a dropped one is stored, never indexed). With `replace`,
+        every template the identity had, of any model, goes first and its metadata is
+        overwritten. All or nothing. Returns (pictures added, pictures the identity now holds).
+        Raises as `enroll` does, and ValueError if the arrays differ in length.
+        """
+        name = validate_identity(identity)
+        if not embeddings:
+            raise ValueError("embeddings must hold at least one gallery model")
+        vectors = {validate_model_id(m): unit_rows(e, f"{m} embeddings") for m, e in embeddings.items()}
+        sizes = {len(v) for v in vectors.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"every model needs the same, non-zero number of pictures; got {sorted(sizes)}")
+        keys = [uuid.uuid4().hex for _ in range(sizes.pop())]
+        batches = [Templates.ok(m, v, keys) for m, v in vectors.items()]
+        batches += [q.derive(vectors, keys) for q in query_models]
+        if len({b.model_id for b in batches}) != len(batches):
+            raise ValueError(f"a model appears twice among {[b.model_id for b in batches]}")
+        totals = self._add(name, batches, "identity" if replace else None, metadata)
+        # Counted as list() counts: pictures, in the model holding the most of them.
+        return len(keys), max(totals.values())
+
+    def _add(
+        self, name: str, batches: list[Templates], replace: Literal["models", "identity"] | None,
+        metadata: Mapping[str, str] | None,
+    ) -> dict[str, int]:
+        """Store `batches`, then mirror the change in the indexes; returns the identity's
+        template count per model."""
+        meta = _check_strings(metadata, "metadata")
         with self._lock:
             self._check_open()
-            result = self._store.add_templates(
-                name, model_id, vectors, replace=replace, metadata=meta, sources=sources
-            )
-            self._mirror(model_id, result.removed_ids, result.added_ids, vectors, name)
-        return len(result.added_ids), result.total
+            result = self._store.add_templates(name, batches, replace=replace, metadata=meta)
+            for model_id, ids in result.removed.items():
+                if model_id not in result.added:
+                    self._mirror(model_id, ids, [], None, name)
+            for batch in batches:
+                keep = batch.indexed
+                added = [tid for tid, kept in zip(result.added[batch.model_id], keep) if kept]
+                self._mirror(batch.model_id, result.removed.get(batch.model_id, []), added, batch.vectors[keep], name)
+        return result.totals
+
+    def rebuild_derived(self, query_model: QueryModel) -> dict[str, int]:
+        """(Re)derive every template of `query_model` from the stored gallery-model templates.
+
+        Backfill-free: reads stored embeddings only, never a picture, and replaces the query
+        model's templates in one transaction, so a search sees either the old ones or the new
+        ones. Returns how many templates got each status (ok, flagged, dropped).
+        """
+        with self._lock:
+            self._check_open()
+            counts = self._store.replace_derived(query_model.model_id, query_model.gallery_models, query_model.derive)
+            self._rebuild(query_model.model_id)
+        log.info("gallery: derived %s templates from %s: %s", query_model.model_id,
+                 ", ".join(query_model.gallery_models), ", ".join(f"{n} {s}" for s, n in counts.items()))
+        return counts
 
     def remove(self, identity: str) -> int:
-        """Remove `identity` and its templates for every model; returns how many templates went.
+        """Remove `identity` and its templates for every model; returns how many pictures went.
 
+        Pictures are counted as list() counts them: templates of the model holding the most.
         Raises UnknownIdentityError if it is not enrolled, InvalidIdentityError for a bad name.
         """
         name = validate_identity(identity)
@@ -124,7 +197,7 @@ class Gallery:
             removed = self._store.remove_identity(name)
             for model_id, ids in removed.items():
                 self._mirror(model_id, ids, [], None, name)
-        return sum(len(ids) for ids in removed.values())
+        return max((len(ids) for ids in removed.values()), default=0)
 
     def _mirror(
         self, model_id: str, removed: list[int], added: list[int], vectors: np.ndarray | None, name: str
@@ -195,6 +268,14 @@ class Gallery:
                     f"got {qs.shape[1]}-dimensional queries"
                 )
             return index.search(qs, k)
+
+    def templates_of(self, identity: str) -> builtins.list[TemplateRecord]:
+        """Every template of `identity`: each model's, dropped ones included, with status,
+        uncertainty and the reason for a flag or a drop. Raises UnknownIdentityError."""
+        name = validate_identity(identity)
+        with self._lock:
+            self._check_open()
+            return self._store.templates_of(name)
 
     def dim(self, model_id: str) -> int | None:
         """The embedding dimension of `model_id`'s templates, or None if it has none."""

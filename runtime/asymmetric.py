@@ -1,0 +1,261 @@
+"""Asymmetric matching: gallery embeddings of N large models mapped into one small query model's space.
+
+A weak board runs one lightweight query model; the cloud, which builds the gallery once, can
+afford several large gallery models. A small transformation per gallery model (an ONNX MLP)
+maps that model's embedding into the query model's space. Per gallery image:
+
+* the N transformed embeddings are L2-normalised and averaged, and the mean re-normalised:
+  the gallery vector that query embeddings are matched against (cosine);
+* their disagreement is the image's uncertainty: 1 - the mean pairwise cosine of the N unit
+  vectors (0 when they agree exactly; it grows as they spread). Independent gallery models
+  agree on clear faces and scatter on poor ones (blur, pose, occlusion, wrong face), so the
+  most uncertain gallery images are the ones most likely to cause matching errors, and a
+  rejection policy can flag or drop them at enrollment.
+
+An ensemble manifest (`manifests/asymmetric/<query model>.json`) names the query model and one
+transformation per gallery model, each bound to the weights it was trained for by sha256 (a
+transform trained for other weights would silently map into the wrong place), plus the
+uncertainty quantiles of its training faces, which turn "reject the most uncertain x%" into a
+per-image threshold at enrollment time, when the rest of the gallery is not at hand.
+
+Transforms are trained by `facelink.export.query.transforms` from stored embeddings only, so a
+new query model never requires re-reading a gallery image. numpy + ONNX Runtime only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from facelink.config import BackendConfig
+
+from .backends import create_backend
+from .manifest import ManifestError, file_sha256
+
+ENSEMBLE_MANIFEST_VERSION = 1
+#: Ensemble manifests live in this subfolder of the bundled manifests, apart from the model
+#: manifests that `load_manifest` validates.
+ENSEMBLE_FOLDER = "asymmetric"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class TransformSpec(_Strict):
+    gallery_model: str = Field(min_length=1, description="model id (name@version) of the gallery recogniser")
+    gallery_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="its weights")
+    file: str = Field(min_length=1, description="ONNX file, relative to the manifest")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    input_dim: int = Field(gt=0)
+    output_dim: int = Field(gt=0)
+
+
+class EnsembleManifest(_Strict):
+    manifest_version: int = ENSEMBLE_MANIFEST_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    query_model: str = Field(min_length=1, description="model id of the query recogniser")
+    query_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    query_manifest: str | None = Field(None, description="bundled name or path (relative to this file) of its manifest")
+    transforms: list[TransformSpec] = Field(min_length=1)
+    uncertainty_quantiles: dict[str, float] = Field(
+        default_factory=dict, description="fraction of training faces above -> uncertainty threshold, e.g. {'0.1': 0.21}")
+    training: dict[str, object] = Field(default_factory=dict, description="how the transforms were made")
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnsembleManifest:
+        models = [t.gallery_model for t in self.transforms]
+        if len(set(models)) != len(models):
+            raise ValueError(f"one transform per gallery model, got {models}")
+        if len({t.output_dim for t in self.transforms}) != 1:
+            raise ValueError("every transform must map into the same (query) dimension")
+        for fraction in self.uncertainty_quantiles:
+            if not 0 < float(fraction) < 1:
+                raise ValueError(f"uncertainty_quantiles: fraction {fraction} is not in (0, 1)")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.transforms[0].output_dim
+
+
+def bundled_ensembles() -> dict[str, Path]:
+    folder = resources.files("facelink.runtime") / "manifests" / ENSEMBLE_FOLDER
+    if not folder.is_dir():
+        return {}
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".json")}
+
+
+def load_ensemble_manifest(name_or_path: str | Path) -> tuple[EnsembleManifest, Path]:
+    """An ensemble manifest by bundled name (the query model's) or path; returns it and its path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        bundled = bundled_ensembles()
+        if str(name_or_path) not in bundled:
+            raise ManifestError(f"no ensemble named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
+        path = bundled[str(name_or_path)]
+    try:
+        return EnsembleManifest.model_validate(json.loads(path.read_text())), path
+    except (OSError, json.JSONDecodeError, ValidationError) as error:
+        raise ManifestError(f"ensemble manifest {path} is invalid: {error}") from error
+
+
+# -- the arithmetic (pure numpy) --------------------------------------------------------------------
+def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def ensemble_mean(members: np.ndarray) -> np.ndarray:
+    """(N, M, d) transformed embeddings -> (N, d): the re-normalised mean of their unit vectors."""
+    return unit(unit(members).mean(axis=1))
+
+
+def disagreement(members: np.ndarray) -> np.ndarray:
+    """(N, M, d) -> (N,) uncertainty: 1 - mean pairwise cosine of the M unit vectors (M >= 2).
+
+    Uses sum_{i != j} <u_i, u_j> = |sum_i u_i|^2 - M, so it costs one pass whatever M is. It is
+    0 when the members coincide and 1 when they are on average orthogonal (at most 1 + 1/(M-1)).
+    """
+    m = members.shape[1]
+    if m < 2:
+        raise ValueError("uncertainty needs at least two gallery models")
+    u = unit(members).astype(np.float64)
+    pair_sum = (np.square(u.sum(axis=1)).sum(axis=1) - m) / (m * (m - 1))
+    return (1.0 - pair_sum).astype(np.float32)
+
+
+# -- rejection ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rejection:
+    """The policy's verdict on a set of gallery images."""
+
+    accepted: np.ndarray            # (N,) bool: enrolled (a flagged image is still enrolled under "flag")
+    flagged: np.ndarray             # (N,) bool: among the most uncertain
+    reasons: list[str | None]       # per image: why it was flagged, else None
+
+
+_PAST = {"flag": "flagged", "drop": "dropped"}
+
+
+@dataclass(frozen=True)
+class RejectionPolicy:
+    """Flag or drop the most uncertain `fraction` of gallery images.
+
+    With `threshold` set (from an ensemble manifest's `uncertainty_quantiles`, or a previous
+    gallery) images are judged one by one against it, as enrollment needs. Without it, `apply`
+    takes the top `fraction` of the images it is given (a whole gallery at once).
+    """
+
+    fraction: float = 0.1
+    action: Literal["flag", "drop"] = "flag"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+        if self.action not in ("flag", "drop"):
+            raise ValueError(f"action must be flag or drop, got {self.action!r}")
+
+    @classmethod
+    def from_manifest(cls, manifest: EnsembleManifest, fraction: float, action: Literal["flag", "drop"] = "flag") -> RejectionPolicy:
+        """The policy with the threshold calibrated for `fraction` on the transforms' training faces."""
+        key = next((k for k in manifest.uncertainty_quantiles if abs(float(k) - fraction) < 1e-9), None)
+        if key is None:
+            known = ", ".join(sorted(manifest.uncertainty_quantiles)) or "none"
+            raise ValueError(f"{manifest.name}: no uncertainty threshold calibrated for fraction {fraction} (has: {known})")
+        return cls(fraction, action, manifest.uncertainty_quantiles[key])
+
+    def apply(self, uncertainty: np.ndarray) -> Rejection:
+        u = np.asarray(uncertainty, dtype=np.float64).ravel()
+        if self.threshold is not None:
+            threshold, rule = self.threshold, f"the calibrated threshold for the {self.fraction:.0%} most uncertain"
+            flagged = u >= threshold
+        else:
+            count = int(np.floor(self.fraction * u.size + 1e-9))
+            flagged = np.zeros(u.size, dtype=bool)
+            flagged[np.argsort(-u, kind="stable")[:count]] = True
+            threshold = float(u[flagged].min()) if count else float("inf")
+            rule = f"the {self.fraction:.0%} most uncertain of {u.size} images"
+        reasons: list[str | None] = [
+            f"gallery models disagree: uncertainty {value:.4f} >= {threshold:.4f} ({rule}); {_PAST[self.action]}"
+            if hit else None
+            for value, hit in zip(u, flagged)
+        ]
+        accepted = ~flagged if self.action == "drop" else np.ones(u.size, dtype=bool)
+        return Rejection(accepted, flagged, reasons)
+
+
+# -- the ensemble -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransformedGallery:
+    vectors: np.ndarray      # (N, d) unit gallery vectors in the query space
+    members: np.ndarray      # (N, M, d) unit transformed embeddings, in `models` order
+    uncertainty: np.ndarray  # (N,) disagreement of the members (zeros when M == 1)
+    models: tuple[str, ...]  # gallery model ids, in member order
+
+
+class EmbeddingTransform:
+    """One gallery model's embedding -> the query space, through its ONNX file."""
+
+    def __init__(self, spec: TransformSpec, folder: Path, backend: BackendConfig = BackendConfig()) -> None:
+        path = Path(spec.file) if Path(spec.file).is_absolute() else folder / spec.file
+        if not path.is_file():
+            raise ManifestError(f"transform for {spec.gallery_model}: {path} does not exist")
+        if spec.sha256 is not None and file_sha256(path) != spec.sha256:
+            raise ManifestError(f"transform for {spec.gallery_model}: {path} does not match its sha256")
+        self.spec = spec
+        self.backend = create_backend(path, backend)
+        self._input = self.backend.input_names[0]
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        x = unit(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.spec.input_dim))
+        return unit(self.backend.run({self._input: x})[0])
+
+
+class GalleryEnsemble:
+    """The gallery side of asymmetric matching for one query model."""
+
+    def __init__(self, manifest: EnsembleManifest, folder: Path, backend: BackendConfig = BackendConfig()) -> None:
+        self.manifest = manifest
+        self.transforms = {spec.gallery_model: EmbeddingTransform(spec, folder, backend) for spec in manifest.transforms}
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, backend: BackendConfig = BackendConfig()) -> GalleryEnsemble:
+        manifest, path = load_ensemble_manifest(name_or_path)
+        return cls(manifest, path.parent, backend)
+
+    @property
+    def query_model(self) -> str:
+        return self.manifest.query_model
+
+    @property
+    def gallery_models(self) -> tuple[str, ...]:
+        return tuple(self.transforms)
+
+    def transform(self, embeddings: Mapping[str, np.ndarray]) -> TransformedGallery:
+        """Stored gallery embeddings {gallery model id: (N, d_model)} -> the gallery in the query space.
+
+        Any non-empty subset of the ensemble's gallery models may be given (uncertainty needs two);
+        every array must hold the same N images in the same order.
+        """
+        unknown = set(embeddings) - set(self.transforms)
+        if unknown:
+            raise KeyError(f"no transform for {', '.join(sorted(unknown))}; this ensemble maps {', '.join(self.transforms)}")
+        models = tuple(m for m in self.transforms if m in embeddings)
+        if not models:
+            raise ValueError("no gallery embeddings given")
+        sizes = {len(np.atleast_2d(embeddings[m])) for m in models}
+        if len(sizes) != 1:
+            raise ValueError(f"gallery models hold different numbers of images: {sorted(sizes)}")
+        members = np.stack([self.transforms[m](embeddings[m]) for m in models], axis=1)
+        uncertainty = disagreement(members) if len(models) > 1 else np.zeros(len(members), dtype=np.float32)
+        return TransformedGallery(ensemble_mean(members), members, uncertainty, models)
