@@ -1,0 +1,294 @@
+"""Gallery -> query embedding transformations, trained from stored embeddings only.
+
+    python -m facelink.export.query.transforms --query runtime/manifests/facelink-query-v1.json \\
+        --gallery mobilefacenet --gallery dlib-resnet-onnx [--out runtime/manifests/asymmetric/facelink-query-v1.json]
+
+One small model per gallery model (Linial et al., "Asymmetric face recognition with cross model
+compatible ensembles", 2023): T(g) = A g + MLP(g), a residual linear map plus a two-layer MLP,
+from the gallery model's unit embedding to the query model's space. A starts at the ridge
+least-squares map from gallery to query embeddings and the MLP's last layer at zero, so
+training starts from the best linear alignment and learns only what is non-linear.
+
+Losses, for a batch of faces with query embeddings q_i and transformed gallery embeddings
+t_i = T(g_i) / |T(g_i)| (the three of the paper):
+
+* similarity:  1 - <t_i, q_i>, the transformed embedding lands on the query embedding of the
+  same face;
+* KL:          KL(softmax_j(<q_i, q_j> / tau) || softmax_j(<t_i, q_j> / tau)): t_i relates to the
+  batch's query embeddings as q_i does -- what 1:N matching against queries needs;
+* classifier:  a CosFace classifier over the training identities, SHARED by every transform and
+  anchored in the query space by also classifying the q_i: transformed embeddings must fall
+  in their identity's region of the query space, not just near one picture's point.
+
+All transforms train jointly (the shared classifier couples them) on the faces of the
+training split; the held-out celeba-dev identities measure them (cosine to the query
+embedding, all-pairs asymmetric verification, and the ensemble). Training takes seconds on one
+core; embedding the reference faces takes a minute per model the first time, then never again
+(`embeddings.EmbeddingStore`). `train_transforms` takes any `PairedEmbeddings`, so the cloud can
+retrain from the embeddings it stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from facelink.benchmarks.verification import FAR_TARGET, eer, tar_at_far
+from facelink.config import REPO_ROOT
+from facelink.runtime.asymmetric import (
+    ENSEMBLE_FOLDER,
+    EnsembleManifest,
+    TransformSpec,
+    disagreement,
+    ensemble_mean,
+    unit,
+)
+from facelink.runtime.manifest import file_sha256, load_manifest
+
+from .embeddings import DEFAULT_ROOT, EmbeddingStore, PairedEmbeddings
+
+#: Fractions of gallery images the manifest calibrates rejection thresholds for.
+REJECTION_FRACTIONS = (0.05, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    hidden: int = 512
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    ridge: float = 1e-2             # regulariser of the least-squares initialisation
+    kl_weight: float = 1.0
+    kl_temperature: float = 0.05
+    class_weight: float = 0.1
+    class_scale: float = 32.0
+    class_margin: float = 0.2
+    seed: int = 0
+    threads: int = 1
+
+
+class EmbeddingTransform(nn.Module):
+    """T(g) = A g + MLP(g): unnormalised output in the query space."""
+
+    def __init__(self, input_dim: int, output_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, output_dim, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, output_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, g: Tensor) -> Tensor:
+        return self.linear(g) + self.mlp(g)
+
+    @torch.no_grad()
+    def init_least_squares(self, g: Tensor, q: Tensor, ridge: float) -> None:
+        """A = argmin |g A^T - q|^2 + ridge * n * |A|^2 (closed form)."""
+        gram = g.T @ g + ridge * len(g) * torch.eye(g.shape[1], dtype=g.dtype)
+        self.linear.weight.copy_(torch.linalg.solve(gram, g.T @ q).T)
+
+
+def transform_losses(t: Tensor, q: Tensor, labels: Tensor, classifier: Tensor, config: TransformConfig) -> dict[str, Tensor]:
+    """The three terms for one transform; `t` unnormalised, `q` unit, `classifier` (classes, d)."""
+    t = F.normalize(t, dim=1)
+    similarity = (1 - (t * q).sum(dim=1)).mean()
+    target = F.log_softmax(q @ q.T / config.kl_temperature, dim=1)
+    predicted = F.log_softmax(t @ q.T / config.kl_temperature, dim=1)
+    kl = F.kl_div(predicted, target, log_target=True, reduction="batchmean")
+    return {"similarity": similarity, "kl": kl, "class": cosface(t, labels, classifier, config)}
+
+
+def cosface(x: Tensor, labels: Tensor, classifier: Tensor, config: TransformConfig) -> Tensor:
+    cosine = F.normalize(x, dim=1) @ F.normalize(classifier, dim=1).T
+    cosine = cosine - config.class_margin * F.one_hot(labels, cosine.shape[1])
+    return F.cross_entropy(config.class_scale * cosine, labels)
+
+
+@dataclass
+class TrainedTransforms:
+    transforms: dict[str, EmbeddingTransform]
+    config: TransformConfig
+    history: list[dict]
+
+    @torch.no_grad()
+    def apply(self, galleries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Unit transformed embeddings (numpy), as the runtime computes them."""
+        return {name: unit(self.transforms[name].eval()(torch.from_numpy(unit(g))).numpy()) for name, g in galleries.items()}
+
+
+def train_transforms(data: PairedEmbeddings, config: TransformConfig = TransformConfig(), log_every: int = 10) -> TrainedTransforms:
+    """Train one transform per gallery model of `data` into `data.query`'s space."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    _, labels = np.unique(data.labels, return_inverse=True)
+    y = torch.from_numpy(labels.astype(np.int64))
+    q = torch.from_numpy(unit(data.query))
+    galleries = {name: torch.from_numpy(unit(g)) for name, g in data.galleries.items()}
+    transforms = {name: EmbeddingTransform(g.shape[1], q.shape[1], config.hidden) for name, g in galleries.items()}
+    for name, transform in transforms.items():
+        transform.init_least_squares(galleries[name], q, config.ridge)
+    classifier = nn.Parameter(F.normalize(_class_means(q, y), dim=1))  # starts at the identity centres
+    params = [classifier, *(p for t in transforms.values() for p in t.parameters())]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(q) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(q), generator=generator)
+        sums: dict[str, float] = {}
+        for step in range(steps_per_epoch):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = config.class_weight * cosface(q[batch], y[batch], classifier, config)
+            for name, transform in transforms.items():
+                terms = transform_losses(transform(galleries[name][batch]), q[batch], y[batch], classifier, config)
+                loss = loss + terms["similarity"] + config.kl_weight * terms["kl"] + config.class_weight * terms["class"]
+                for key, value in terms.items():
+                    sums[f"{name}/{key}"] = sums.get(f"{name}/{key}", 0.0) + value.item() / steps_per_epoch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        if epoch % log_every == 0 or epoch == config.epochs - 1:
+            history.append({"epoch": epoch, **{k: round(v, 5) for k, v in sums.items()}})
+    return TrainedTransforms(transforms, config, history)
+
+
+def _class_means(x: Tensor, labels: Tensor) -> Tensor:
+    sums = torch.zeros(int(labels.max()) + 1, x.shape[1]).index_add_(0, labels, x)
+    return sums / torch.bincount(labels).clamp(min=1).unsqueeze(1).to(x.dtype)
+
+
+# -- measurement ---------------------------------------------------------------------------------------
+def verification(probe: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> dict:
+    """All pairs i != j of held-out faces, probe i (query model) against gallery j: TAR@FAR=1e-3, EER."""
+    scores = probe @ gallery.T
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    same = (labels[:, None] == labels[None, :])[off_diagonal]
+    s = scores[off_diagonal]
+    return {"tar_at_far": round(100 * tar_at_far(s, same, FAR_TARGET), 3), "eer": round(100 * eer(s, same), 3)}
+
+
+def evaluate(trained: TrainedTransforms, data: PairedEmbeddings) -> dict:
+    """Held-out figures: per transform and for the ensemble, plus both symmetric baselines."""
+    q = unit(data.query)
+    transformed = trained.apply(data.galleries)
+    rows: dict[str, dict] = {"query symmetric": verification(q, q, data.labels)}
+    for name, g in data.galleries.items():
+        rows[f"{name} symmetric"] = verification(unit(g), unit(g), data.labels)
+    for name, t in transformed.items():
+        rows[f"query vs T({name})"] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
+    if len(transformed) > 1:
+        members = np.stack(list(transformed.values()), axis=1)
+        mean = ensemble_mean(members)
+        rows["query vs ensemble"] = {"cos": round(float(np.einsum("ij,ij->i", mean, q).mean()), 5), **verification(q, mean, data.labels)}
+    return rows
+
+
+def uncertainty_quantiles(trained: TrainedTransforms, data: PairedEmbeddings) -> dict[str, float]:
+    """Uncertainty above which the `REJECTION_FRACTIONS` of `data`'s faces lie."""
+    if len(data.galleries) < 2:
+        return {}
+    u = disagreement(np.stack(list(trained.apply(data.galleries).values()), axis=1))
+    return {str(f): round(float(np.quantile(u, 1 - f)), 6) for f in REJECTION_FRACTIONS}
+
+
+# -- export --------------------------------------------------------------------------------------------
+def export_transform(transform: EmbeddingTransform, path: Path) -> Path:
+    transform.eval()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.onnx.export(transform, (torch.zeros(1, transform.linear.in_features),), str(tmp), input_names=["embedding"],
+                      output_names=["transformed"], dynamic_axes={"embedding": {0: "batch"}, "transformed": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    tmp.replace(path)
+    return path
+
+
+def write_ensemble(trained: TrainedTransforms, out: Path, *, query_manifest: str, gallery_manifests: dict[str, str],
+                   quantiles: dict[str, float], training: dict) -> Path:
+    """The transforms as ONNX files beside `out`, and the ensemble manifest `out` naming them."""
+    query = load_manifest(query_manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for model_id, transform in trained.transforms.items():
+        gallery = load_manifest(gallery_manifests[model_id])
+        path = export_transform(transform, out.parent / f"{out.stem}--from--{gallery.name}.onnx")
+        specs.append(TransformSpec(gallery_model=model_id, gallery_sha256=gallery.sha256, file=path.name,
+                                   sha256=file_sha256(path), input_dim=transform.linear.in_features,
+                                   output_dim=transform.linear.out_features))
+    query_path = Path(query_manifest)
+    reference = query.name if query_path.suffix != ".json" else _relative(query_path.resolve(), out.parent.resolve())
+    manifest = EnsembleManifest(
+        name=out.stem, query_model=query.model_id, query_sha256=query.sha256, query_manifest=reference,
+        transforms=specs, uncertainty_quantiles=quantiles, training=training,
+        description=(f"Gallery -> {query.model_id} embedding transformations (residual linear + 2-layer MLP), trained "
+                     "from stored embeddings by facelink.export.query.transforms; gallery vector = mean of the unit "
+                     "transformed embeddings; uncertainty = 1 - their mean pairwise cosine."),
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(Path("..") / path.relative_to(folder.parent)) if path.is_relative_to(folder.parent) else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m facelink.export.query.transforms", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--query", required=True, help="query model manifest (name or path)")
+    parser.add_argument("--gallery", action="append", required=True, help="gallery model manifest; repeat per model")
+    parser.add_argument("--out", type=Path,
+                        help="ensemble manifest to write (default: runtime/manifests/asymmetric/<query name>-<version>.json)")
+    parser.add_argument("--store", type=Path, default=DEFAULT_ROOT, help=f"embedding store (default {DEFAULT_ROOT})")
+    parser.add_argument("--epochs", type=int, default=TransformConfig.epochs)
+    parser.add_argument("--val-identities", type=int, default=32, help="held-out celeba-dev identities (the query model's split)")
+    args = parser.parse_args(argv)
+
+    from facelink.export.codec.data import build_cache, training_sources
+
+    from .data import split_by_identity
+
+    started = time.perf_counter()
+    cache = build_cache(training_sources())
+    store = EmbeddingStore(cache, args.store)
+    data = store.paired(args.query, args.gallery)
+    gallery_manifests = {load_manifest(g).model_id: g for g in args.gallery}
+    train_rows, val_rows = split_by_identity(cache, args.val_identities, seed=0)
+    config = TransformConfig(epochs=args.epochs)
+    embedded = time.perf_counter()
+    trained = train_transforms(data.rows(train_rows), config)
+    trained_at = time.perf_counter()
+    measured = evaluate(trained, data.rows(val_rows))
+    quantiles = uncertainty_quantiles(trained, data.rows(train_rows))
+    for row in trained.history:
+        print(json.dumps(row))
+    print(f"held out: {len(val_rows)} faces of {args.val_identities} celeba-dev identities; all pairs, probe = query model")
+    for name, row in measured.items():
+        print(f"  {name:40s} " + "  ".join(f"{k} {v}" for k, v in row.items()))
+    query = load_manifest(args.query)
+    out = args.out or REPO_ROOT / "runtime" / "manifests" / ENSEMBLE_FOLDER / f"{query.name}-{query.version}.json"
+    command = "python -m facelink.export.query.transforms " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_ensemble(trained, out, query_manifest=args.query, gallery_manifests=gallery_manifests, quantiles=quantiles,
+                   training={"command": command, "config": asdict(config), "train_faces": len(train_rows),
+                             "held_out_faces": len(val_rows), "held_out": measured})
+    print(f"wrote {out}; embeddings {embedded - started:.0f} s, training {trained_at - embedded:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

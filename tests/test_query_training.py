@@ -1,0 +1,188 @@
+"""The query model, its training loop and the gallery -> query transformations (torch side)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the query model's training needs torch (pip install '.[export]')")
+onnx = pytest.importorskip("onnx", reason="needs onnx (pip install '.[export]')")
+
+from facelink.export.codec.data import FaceCache, Source  # noqa: E402
+from facelink.export.flops import count_model  # noqa: E402
+from facelink.export.query import train  # noqa: E402
+from facelink.export.query.embeddings import PairedEmbeddings  # noqa: E402
+from facelink.export.query.model import QueryArch, QueryNet, create_query_model, full_mobilefacenet  # noqa: E402
+from facelink.export.query.transforms import TransformConfig, evaluate, train_transforms  # noqa: E402
+from facelink.runtime.alignment import canonical_template  # noqa: E402
+
+from .support import SHARED_MOBILEFACENET, needs_shared  # noqa: E402
+
+
+def onnx_of(model: torch.nn.Module, size: int) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), buffer, input_names=["input"], dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def test_query_model_costs_at_least_4x_fewer_macs_than_mobilefacenet() -> None:
+    query = create_query_model()
+    size = query.arch.input_size
+    query_cost = count_model(onnx_of(query, size))
+    # MobileFaceNet's topology rebuilt (expand_keep 1, 112 px); checked against the real file below.
+    mobilefacenet_cost = count_model(onnx_of(QueryNet(QueryArch(input_size=112, expand_keep=1.0)), 112))
+    assert mobilefacenet_cost.macs >= 4 * query_cost.macs
+    assert 200e6 < mobilefacenet_cost.macs < 250e6
+    assert query_cost.params < 1.0e6
+    if SHARED_MOBILEFACENET.is_file():
+        assert count_model(SHARED_MOBILEFACENET).macs == mobilefacenet_cost.macs
+
+
+@needs_shared
+def test_mobilefacenet_rebuilt_in_torch_matches_onnx_runtime() -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).normal(size=(1, 3, 112, 112)).astype(np.float32)
+    reference = ort.InferenceSession(str(SHARED_MOBILEFACENET), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        ours = full_mobilefacenet(SHARED_MOBILEFACENET)(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def test_forward_shapes_and_onnx_export_agree() -> None:
+    import onnxruntime as ort
+
+    model = create_query_model().eval()
+    size = model.arch.input_size
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (3, 128)
+    proto = onnx_of(model, size)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"input": x[:1].numpy()})[0], y[:1].numpy(), atol=1e-4)
+    assert {node.op_type for node in proto.graph.node} <= {"Conv", "Clip", "Relu", "Add", "Flatten", "Constant", "Identity"}
+
+
+# -- the training loop, on a tiny synthetic cache ---------------------------------------------------------
+def tiny_cache(n: int = 24) -> FaceCache:
+    rng = np.random.default_rng(0)
+    sources = [Source(f"celeba/{i}.jpg", Path(f"{i}.jpg"), f"celeba:{i % 6}", "celeba") for i in range(n)]
+    landmarks = np.repeat(canonical_template(128).points[None], n, axis=0) + rng.normal(0, 1, (n, 5, 2)).astype(np.float32)
+    embeddings = rng.normal(size=(n, 2, 128)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=2, keepdims=True)
+    return FaceCache(crops=rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8), crop_landmarks=landmarks.astype(np.float32),
+                     frame_landmarks=landmarks.astype(np.float32), source_index=np.arange(n), embeddings=embeddings,
+                     sources=sources, skipped=0)
+
+
+def tiny_teacher() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 128)).eval()
+
+
+def tiny_config(**changes: object) -> train.TrainConfig:
+    return train.TrainConfig(**{"init": "random", "batch_size": 6, "epochs": 2, "warmup_steps": 2, "val_identities": 2,
+                                "identity_weight": 0.1, "log_every": 1, **changes})
+
+
+def test_one_step_changes_parameters_and_a_checkpoint_restores_exactly(tmp_path: Path) -> None:
+    config = tiny_config()
+    cache = tiny_cache()
+    sampler_labels = np.arange(len(cache)) % 6
+    from facelink.export.query.data import ViewSampler
+    from facelink.runtime.alignment import ARCFACE
+
+    sampler = ViewSampler(cache, np.arange(len(cache)), sampler_labels, 64, ARCFACE, batch_size=6, augment=config.augment, seed=0)
+    torch.manual_seed(0)
+    trainee = train.make_trainee(config, classes=6)
+    before = {k: v.clone() for k, v in trainee.model.state_dict().items()}
+    teacher, normalize = tiny_teacher(), train.Normalize()
+    views = sampler.batch(sampler.epoch_plan(0)[0], 0, 0)
+    train.train_step(trainee, teacher, normalize, views, config, lr=1e-3)
+    assert any(not torch.equal(before[k], v) for k, v in trainee.model.state_dict().items())
+
+    path = tmp_path / "checkpoint.pt"
+    train.save_checkpoint(path, trainee, train.Progress(step=1), config)
+    torch.manual_seed(123)
+    restored = train.make_trainee(config, classes=6)
+    assert train.load_checkpoint(path, restored).step == 1
+    next_views = sampler.batch(sampler.epoch_plan(0)[1], 0, 1)
+    for t in (trainee, restored):
+        train.train_step(t, teacher, normalize, next_views, config, lr=1e-3)
+    for (name, a), b in zip(trainee.model.state_dict().items(), restored.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) -> None:
+    cache, config = tiny_cache(), tiny_config()
+    straight = train.run(tmp_path / "a", config, cache=cache, teacher=tiny_teacher(), with_lfw=False, progress_bar=False)
+    # max_minutes=0: every session stops (and checkpoints) right after its first step.
+    sessions = 0
+    while True:
+        progress = train.run(tmp_path / "b", config, max_minutes=0, cache=cache, teacher=tiny_teacher(), with_lfw=False,
+                             progress_bar=False)
+        sessions += 1
+        if progress.epoch >= config.epochs:
+            break
+    assert sessions > 2 and progress.step == straight.step
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "val.jsonl").read_text().count("\n") == config.epochs
+    assert (tmp_path / "a" / "train.jsonl").is_file() and (tmp_path / "a" / "config.json").is_file()
+
+
+# -- transformations ----------------------------------------------------------------------------------
+def rotated_space(n: int, seed: int) -> PairedEmbeddings:
+    """Query embeddings around 40 identity centres; two gallery 'models': random rotations + noise of them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, 64))
+    labels = np.arange(n) % 40
+    query = centres[labels] + 0.5 * rng.normal(size=(n, 64))
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    galleries = {}
+    for name, dim in (("a@1", 64), ("b@1", 96)):
+        rotation, _ = np.linalg.qr(np.random.default_rng(7 if name == "a@1" else 8).normal(size=(dim, dim)))
+        g = np.pad(query, ((0, 0), (0, dim - 64))) @ rotation.T + 0.05 * rng.normal(size=(n, dim))
+        galleries[name] = (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+    return PairedEmbeddings(query.astype(np.float32), galleries, labels)
+
+
+def test_transforms_learn_a_rotation_of_the_query_space_from_embeddings_alone() -> None:
+    trained = train_transforms(rotated_space(2000, seed=0), TransformConfig(hidden=64, epochs=8, batch_size=128))
+    held_out = rotated_space(400, seed=1)
+    rows = evaluate(trained, held_out)
+    assert rows["query vs T(a@1)"]["cos"] > 0.9 and rows["query vs T(b@1)"]["cos"] > 0.9
+    assert rows["query vs ensemble"]["cos"] > 0.9
+
+
+def test_exported_ensemble_runs_in_the_runtime_exactly_as_trained(tmp_path: Path) -> None:
+    from facelink.export.query.transforms import uncertainty_quantiles, write_ensemble
+    from facelink.runtime.asymmetric import GalleryEnsemble, RejectionPolicy
+
+    data = rotated_space(600, seed=0)
+    trained = train_transforms(data, TransformConfig(hidden=32, epochs=2, batch_size=128))
+    manifests = {}
+    for model_id in ("q@1", *data.galleries):
+        name, version = model_id.split("@")
+        manifests[model_id] = tmp_path / f"{name}.json"
+        manifests[model_id].write_text(json.dumps({
+            "name": name, "version": version, "task": "recognition", "file": f"{name}.onnx",
+            "input": {"width": 8, "height": 8}, "alignment": {"template": [[1, 1], [6, 1], [4, 4], [2, 6], [6, 6]]},
+            "embedding": {"dim": 64, "match_threshold": 0.5}}))
+    out = write_ensemble(trained, tmp_path / "ensemble" / "q-1.json", query_manifest=str(manifests["q@1"]),
+                         gallery_manifests={m: str(manifests[m]) for m in data.galleries},
+                         quantiles=uncertainty_quantiles(trained, data), training={"test": True})
+    ensemble = GalleryEnsemble.load(out)
+    assert ensemble.query_model == "q@1" and ensemble.manifest.query_manifest == "../q.json"
+    result = ensemble.transform(data.galleries)
+    expected = trained.apply(data.galleries)
+    for k, model in enumerate(result.models):
+        assert np.allclose(result.members[:, k], expected[model], atol=1e-5)
+    flagged = RejectionPolicy.from_manifest(ensemble.manifest, 0.1).apply(result.uncertainty).flagged
+    assert abs(flagged.mean() - 0.1) < 0.01  # the calibrated threshold reproduces the fraction on its own data
