@@ -70,7 +70,9 @@ class TransformConfig:
     ridge: float = 1e-2             # regulariser of the least-squares initialisation
     kl_weight: float = 1.0
     kl_temperature: float = 0.05
-    class_weight: float = 0.1
+    # Chosen on a nested split (32 more celeba-dev identities carved out of the training faces):
+    # 0.1 -> 0.5 raised the ensemble's held-out TAR@FAR=1e-3 slightly, 0.5 to 2 were flat.
+    class_weight: float = 0.5
     class_scale: float = 32.0
     class_margin: float = 0.2
     seed: int = 0
@@ -274,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = train_transforms(data.rows(train_rows), config)
     trained_at = time.perf_counter()
     measured = evaluate(trained, data.rows(val_rows))
-    quantiles = uncertainty_quantiles(trained, data.rows(train_rows))
+    # Calibrated on the held-out faces: like gallery images, the transforms never saw them (on the
+    # training faces they agree more, and a threshold from there would reject far more than asked).
+    quantiles = uncertainty_quantiles(trained, data.rows(val_rows))
     for row in trained.history:
         print(json.dumps(row))
     print(f"held out: {len(val_rows)} faces of {args.val_identities} celeba-dev identities; all pairs, probe = query model")
