@@ -1,7 +1,7 @@
 """Turn a training checkpoint into the run-time bundle: two ONNX graphs, entropy tables, a manifest.
 
     python -m facelink.export.codec.bundle --checkpoint ~/.cache/facelink/runs/codec-v1/checkpoint.pt \\
-        --name default --out runtime/manifests
+        --name default --out runtime/manifests/codecs
 
 writes `codec-<name>-encoder.onnx`, `codec-<name>-decoder.onnx`, `codec-<name>-tables.npz` and
 `codec-<name>.json` (each file's sha256, the architecture, how the weights were trained), which
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a codec training checkpoint.pt")
     parser.add_argument("--name", default="default", help="bundle name (codec id flc-<name>-<tag>)")
-    parser.add_argument("--out", type=Path, default=Path("runtime/manifests"), help="where the bundle goes")
+    parser.add_argument("--out", type=Path, default=Path("runtime/manifests/codecs"), help="where the bundle goes")
     parser.add_argument("--check-faces", type=int, default=32, help="faces for the parity check (0 skips it)")
     args = parser.parse_args(argv)
     command = "python -m facelink.export.codec.bundle " + shlex.join(sys.argv[1:] if argv is None else argv)

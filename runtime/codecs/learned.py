@@ -4,7 +4,7 @@
     data = codec.encode(face)        # HxWx3 uint8 RGB, any size -> a few hundred bytes
     face = codec.decode(data)        # bytes -> HxWx3 uint8 RGB, or a CodecError
 
-A codec bundle is a manifest (`runtime/manifests/codec-<name>.json`) naming three files with
+A codec bundle is a manifest (`runtime/manifests/codecs/codec-<name>.json`) naming three files with
 their sha256: the analysis transform (`encoder`), the synthesis transform (`decoder`), both
 ONNX, and the entropy tables (`tables`, .npz: per-quality gains, inverse gains, medians and
 per-channel probability tables). They are produced by `facelink.export.codec` (torch); nothing
@@ -19,6 +19,7 @@ import json
 import math
 import threading
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from facelink.config import BackendConfig
 
 from ..backends import create_backend
-from ..manifest import ManifestError, bundled_manifests, file_sha256
+from ..manifest import ManifestError, file_sha256
 from . import bitstream
 from .base import CodecError
 from .entropy import ChannelTables, FactorizedEntropyCoder
 from .standard import check_image
 
 CODEC_PREFIX = "codec-"
+CODEC_FOLDER = "codecs"
 
 
 class _Strict(BaseModel):
@@ -70,8 +72,16 @@ class CodecManifest(_Strict):
 
 
 def codec_manifests() -> dict[str, Path]:
-    """Bundled learned codecs by name (manifests named `codec-<name>.json`)."""
-    return {name[len(CODEC_PREFIX) :]: path for name, path in bundled_manifests().items() if name.startswith(CODEC_PREFIX)}
+    """Bundled learned codecs by name (`manifests/codecs/codec-<name>.json`), apart from the
+    model manifests that `load_manifest` validates."""
+    folder = resources.files("facelink.runtime") / "manifests" / CODEC_FOLDER
+    if not folder.is_dir():
+        return {}
+    return {
+        Path(str(p)).stem[len(CODEC_PREFIX) :]: Path(str(p))
+        for p in folder.iterdir()
+        if Path(str(p)).name.startswith(CODEC_PREFIX) and str(p).endswith(".json")
+    }
 
 
 def load_codec_manifest(name_or_path: str | Path) -> tuple[CodecManifest, Path]:
