@@ -52,6 +52,7 @@ from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, cache_
 from facelink.datasets import LFW, DatasetNotFoundError, Pair
 
 from . import reporting
+from .faces import central_landmarks, detector_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +238,9 @@ def pipeline_digest(images: list[Path], image_dir: Path, detector, crop: Canonic
                     detector_config: DetectorConfig) -> str:
     """sha256 (12 hex digits) of the image list (relative to the LFW image folder) and of every
     setting upstream of the recogniser, so that a cache is only ever reused for the same inputs."""
-    manifest = getattr(detector, "manifest", None)
     header = {
         "pipeline": PIPELINE_VERSION,
-        "detector": getattr(detector, "name", type(detector).__name__),
-        "detector_model": getattr(manifest, "model_id", None),
-        "detector_sha256": getattr(manifest, "sha256", None),
-        "detector_config": detector_config.model_dump(),
-        "selection": "central",
+        **detector_fingerprint(detector, detector_config),
         "crop": crop.model_dump(),
         "fallback": LFW_FALLBACK_LANDMARKS_250.tolist(),
     }
@@ -331,7 +327,6 @@ def save_cache(path: Path, images: list[str], result: Embedded) -> None:
 
 def embed_all(images: list[Path], jobs: list[Job], detector, template) -> None:  # noqa: ANN001
     """One pass over the images: read and detect each once, then run every job that needs it."""
-    from facelink.edge.pipeline import select_faces
     from facelink.runtime.alignment import warp_face
 
     n = len(images)
@@ -347,13 +342,13 @@ def embed_all(images: list[Path], jobs: list[Job], detector, template) -> None: 
     for index, path in enumerate(tqdm(images, desc="embed", unit="image", file=sys.stderr, dynamic_ncols=True,
                                                 mininterval=0.1 if sys.stderr.isatty() else 15)):
         image = read_rgb(path)
-        faces = select_faces(detector.detect(image), "central", image.shape)
-        landmarks = faces[0].landmarks if faces else fallback_landmarks(image.shape)
+        found = central_landmarks(detector, image)
+        landmarks = found if found is not None else fallback_landmarks(image.shape)
         canonical = None
         for job in jobs:
             result = job.result
             assert result is not None
-            result.detected[index] = bool(faces)
+            result.detected[index] = found is not None
             if job.codec is None:
                 face, points = image, landmarks
             else:

@@ -502,6 +502,7 @@ examples:
 # -- bench --------------------------------------------------------------------------------------
 BENCHMARKS = {
     "verification": "facelink.benchmarks.verification",
+    "asymmetric": "facelink.benchmarks.asymmetric",
     "rate-accuracy": "facelink.benchmarks.rate_accuracy",
     "quantization": "facelink.benchmarks.quantization",
     "latency": "facelink.benchmarks.latency",
@@ -530,6 +531,7 @@ benchmarks:
   quantization   LFW accuracy of a recogniser at fp32, fp16 and int8
   latency        p50/p99 latency, size and peak memory per model and backend, and the
                  whole edge path per face
+  asymmetric     query model vs the transformed gallery ensemble: 1:1, 1:N, cost, rejection
 
 examples:
   facelink bench verification
