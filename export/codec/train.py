@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..training import StopRequest, append_jsonl
 from .batches import Batch, BatchSampler, split_by_identity
 from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
@@ -268,32 +268,6 @@ def validate(model: FaceCodecModel, teacher: FaceTeacher, data: Validation, chun
     return result
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-class _StopRequest:
-    """While active, SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step
-    boundary instead of killing it mid-write; the previous handlers come back on exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
 def run(
     run_dir: Path,
     config: TrainConfig,
@@ -353,7 +327,7 @@ def run(
         flush=True,
     )
 
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         return _loop(
             run_dir,
             config,
@@ -380,7 +354,7 @@ def _loop(
     sampler: BatchSampler,
     validation: Validation,
     progress: Progress,
-    stop: _StopRequest,
+    stop: StopRequest,
     *,
     deadline: float | None,
     progress_bar: bool,
@@ -420,7 +394,7 @@ def _loop(
             bar.update(1)
             if progress.step % config.log_every == 0:
                 summary = window.summary()
-                _append_jsonl(
+                append_jsonl(
                     run_dir / "train.jsonl",
                     {
                         "step": progress.step,
@@ -446,7 +420,7 @@ def _loop(
             if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
                 save()
         bar.close()
-        _append_jsonl(
+        append_jsonl(
             run_dir / "val.jsonl",
             {
                 "epoch": progress.epoch,

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -52,6 +51,7 @@ from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
 from facelink.runtime.manifest import load_manifest
 
+from ..training import StopRequest, append_jsonl
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
 from .export import write_manifest
@@ -259,31 +259,6 @@ def build_evaluation(cache: FaceCache, indices: np.ndarray, model: QueryNet, run
     return Evaluation(faces, reference, cache.identities()[indices], lfw)
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-class _StopRequest:
-    """While active, SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
 def load_teacher() -> QueryNet:
     """MobileFaceNet in torch from the deployed ONNX file (sha256 checked through its manifest).
 
@@ -337,13 +312,13 @@ def run(run_dir: Path, config: TrainConfig, *, max_minutes: float | None = None,
           f"model {config.model} {trainee.model.arch.to_dict()}, {params / 1e6:.3f}M params; "
           f"resuming at epoch {progress.epoch} batch {progress.batch} step {progress.step}", flush=True)
 
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         return _loop(run_dir, config, trainee, teacher, normalize, sampler, evaluation, progress, stop,
                      deadline=None if max_minutes is None else started + max_minutes * 60, progress_bar=progress_bar)
 
 
 def _loop(run_dir: Path, config: TrainConfig, trainee: Trainee, teacher: nn.Module, normalize: Normalize,
-          sampler: ViewSampler, evaluation: Evaluation, progress: Progress, stop: _StopRequest, *,
+          sampler: ViewSampler, evaluation: Evaluation, progress: Progress, stop: StopRequest, *,
           deadline: float | None, progress_bar: bool) -> Progress:
     checkpoint = run_dir / "checkpoint.pt"
     accounted = last_save = time.perf_counter()
@@ -371,7 +346,7 @@ def _loop(run_dir: Path, config: TrainConfig, trainee: Trainee, teacher: nn.Modu
             bar.update(1)
             if progress.step % config.log_every == 0:
                 summary = window.summary()
-                _append_jsonl(run_dir / "train.jsonl", {"step": progress.step, "epoch": progress.epoch,
+                append_jsonl(run_dir / "train.jsonl", {"step": progress.step, "epoch": progress.epoch,
                                                         "samples": progress.samples, "lr": round(lr, 7), **summary})
                 bar.set_postfix_str(f"cos {summary['cos']:.4f} {summary['samples_per_s']:.0f}/s")
                 window = Window()
@@ -383,7 +358,7 @@ def _loop(run_dir: Path, config: TrainConfig, trainee: Trainee, teacher: nn.Modu
                 save()
         bar.close()
         measured = evaluation.measure(trainee.model, run_dir / "eval", progress.epoch)
-        _append_jsonl(run_dir / "val.jsonl", {"epoch": progress.epoch, "step": progress.step, "samples": progress.samples,
+        append_jsonl(run_dir / "val.jsonl", {"epoch": progress.epoch, "step": progress.step, "samples": progress.samples,
                                               "hours": round((progress.seconds + time.perf_counter() - accounted) / 3600, 3),
                                               **measured})
         print(f"epoch {progress.epoch}: {json.dumps(measured)}", flush=True)
