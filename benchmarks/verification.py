@@ -573,7 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     for recognizer in recognizers:
         for codec_id in codec_ids:
             quality = 0 if codec_id == NO_CODEC else args.quality  # quality means nothing without a codec
-            path = cache_file(recognizer.model_id, codec_id, quality, digest)
+            # Keyed by the weights too: a re-exported model keeps its id (an int8 export of the
+            # same id, a retrained query model) and must never read the old embeddings.
+            weights = (recognizer.manifest.sha256 or "unpinned")[:12]
+            path = cache_file(f"{recognizer.model_id}-{weights}", codec_id, quality, digest)
             job = Job(recognizer, codec_id, args.quality, path, codecs.get(codec_id))
             if not args.no_cache:
                 job.result = load_cache(path, names)
