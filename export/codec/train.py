@@ -72,6 +72,9 @@ class TrainConfig:
     threads: int = 2
     log_every: int = 25
     checkpoint_minutes: float = 5.0
+    # A new run may start from another run's model weights (fresh optimizers and progress): the
+    # way to retune the loss weights without paying again for what the codec already learned.
+    init_from: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -307,6 +310,9 @@ def run(
         progress = load_checkpoint(checkpoint, model, optimizer, aux_optimizer)
         for group in optimizer.param_groups:  # --lr on resume takes effect
             group["lr"] = config.lr
+    elif config.init_from:
+        state = torch.load(Path(config.init_from).expanduser(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
     sampler = BatchSampler(
         cache,
         train_indices,
@@ -434,6 +440,10 @@ def _loop(
     return progress
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -446,6 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(CODEC_MODELS), help="new runs only")
     parser.add_argument("--batch-size", type=int, help="new runs only")
     parser.add_argument("--seed", type=int, help="new runs only")
+    parser.add_argument(
+        "--lambdas", type=_floats, help="new runs only: distortion weight per quality, comma-separated"
+    )
+    parser.add_argument(
+        "--identity-weights", type=_floats, help="new runs only: identity weight per quality, comma-separated"
+    )
+    parser.add_argument(
+        "--init-from", type=Path, help="new runs only: start from this checkpoint's model weights"
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--epochs", type=int)
@@ -458,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "batch_size": args.batch_size,
             "seed": args.seed,
+            "lambdas": args.lambdas,
+            "identity_weights": args.identity_weights,
+            "init_from": str(args.init_from) if args.init_from else None,
             "threads": args.threads,
             "lr": args.lr,
             "epochs": args.epochs,
