@@ -102,7 +102,7 @@ def test_a_tampered_weights_file_is_refused(bundle: Path, tmp_path: Path) -> Non
 def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols() -> None:
     """The bundled weights' own golden stream: same bytes, same symbols, on every machine.
 
-    Retraining changes the codec tag; regenerate the file then (see the commit that adds it).
+    Retraining changes the codec tag: regenerate the file then (`python -m tests.make_golden_codec`).
     """
     from facelink.runtime.codecs.learned import codec_manifests
 
@@ -111,7 +111,7 @@ def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols() -> N
     golden = np.load(DATA / "golden_codec_default.npz")
     codec = LearnedFaceCodec.load("default", quality=3)
     header, payload = bitstream.unpack(golden["stream"].tobytes())
-    assert header.codec_tag == codec.manifest.tag, "the bundled codec changed: regenerate tests/data/golden_codec_default.npz"
+    assert header.codec_tag == codec.manifest.tag, "the bundled codec changed: python -m tests.make_golden_codec"
     symbols = codec._coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
     np.testing.assert_array_equal(symbols, golden["symbols"])
     assert codec.decode(golden["stream"].tobytes()).shape == (128, 128, 3)

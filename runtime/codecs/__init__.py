@@ -6,7 +6,9 @@
     crop = codec.decode(data)                      # bytes -> HxWx3 uint8 RGB, or CodecError
 
 Learned codecs are registered under the id their weights give them (`flc-<name>-<tag>`, see
-`learned.py`), and `learned` / `learned:<name>` are aliases the edge's configuration may use.
+`learned.py`), and `learned` / `learned:<name>` are aliases the edge's configuration may use;
+`learned:<path.json>` loads a bundle manifest from anywhere (the int8 encoder `facelink export
+codec-default:encoder --int8` writes shares the bundled codec's id: the cloud decodes its streams).
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def resolve_codec_id(codec_id: str) -> str:
 
 
 def create_codec(codec_id: str, quality: int | None = None) -> FaceCodec:
+    name = codec_id.partition(":")[2] if codec_id.startswith(LEARNED_ALIAS + ":") else ""
+    if name.endswith(".json"):  # a bundle outside the package, e.g. `facelink export`'s int8 encoder
+        from .learned import LearnedFaceCodec, load_codec_manifest
+
+        manifest, path = load_codec_manifest(name)
+        return LearnedFaceCodec(manifest, path.parent, (manifest.qualities + 1) // 2 if quality is None else quality)
     codecs = available_codecs()
     info = codecs.get(resolve_codec_id(codec_id))
     if info is None:

@@ -3,8 +3,8 @@
     offset  size  field
     0       2     magic b"\\xfa\\xce"
     2       1     bitstream version (1)
-    3       4     codec tag: the first 4 bytes of the sha256 of the codec's manifest-bound
-                  weights, so a stream is never decoded by a different model than made it
+    3       4     codec tag: the first 4 bytes of a sha256 over the codec's decoder and entropy
+                  tables, so a stream is never decoded by a model it was not made for
     7       1     quality (1-based rate point)
     8       2+    width, then height of the coded picture: unsigned LEB128 varints
     .       n     entropy-coded payload (the latent symbols)

@@ -9,7 +9,8 @@ their sha256: the analysis transform (`encoder`), the synthesis transform (`deco
 ONNX, and the entropy tables (`tables`, .npz: per-quality gains, inverse gains, medians and
 per-channel probability tables). They are produced by `facelink.export.codec` (torch); nothing
 here needs torch. The codec id on the wire, `flc-<name>-<tag>`, carries a tag derived from the
-three files' hashes, so bytes made by one set of weights are never decoded by another.
+decoder's and the tables' hashes, so bytes are never decoded by weights other than those they
+were made for (any export of the matching encoder, fp32, fp16 or int8, makes such bytes).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class CodecManifest(_Strict):
 
     @property
     def tag(self) -> bytes:
-        digest = hashlib.sha256((self.encoder.sha256 + self.decoder.sha256 + self.tables.sha256).encode())
+        # Bound to what decoding depends on, the decoder and the entropy tables, and not to the
+        # encoder: an int8 or fp16 export of the encoder writes streams the same decoder reads,
+        # so the board may run one while the cloud keeps the fp32 bundle.
+        digest = hashlib.sha256((self.decoder.sha256 + self.tables.sha256).encode())
         return digest.digest()[: bitstream.TAG_BYTES]
 
     @property
@@ -146,12 +150,12 @@ class LearnedFaceCodec:
         return path
 
     @cached_property
-    def _encoder(self):  # noqa: ANN202
+    def encoder_backend(self):  # noqa: ANN202
         with self._lock:
             return create_backend(self._verified(self.manifest.encoder, "encoder"), self._backend)
 
     @cached_property
-    def _decoder(self):  # noqa: ANN202
+    def decoder_backend(self):  # noqa: ANN202
         with self._lock:
             return create_backend(self._verified(self.manifest.decoder, "decoder"), self._backend)
 
@@ -166,19 +170,32 @@ class LearnedFaceCodec:
         stride = self.manifest.stride
         return math.ceil(height / stride), math.ceil(width / stride)
 
-    def encode(self, image: np.ndarray) -> bytes:
+    def encoder_input(self, image: np.ndarray) -> np.ndarray:
+        """The encoder's (1, 3, H, W) input: the picture padded to a multiple of the stride, in [0, 1]."""
         image = check_image(image)
         height, width = image.shape[:2]
         h, w = self.latent_size(width, height)
         stride = self.manifest.stride
         # Edge-replicate padding: a flat border costs almost no bits and leaves no seam.
         padded = np.pad(image, ((0, h * stride - height), (0, w * stride - width), (0, 0)), mode="edge")
-        x = (padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
-        backend = self._encoder
-        y = backend.run({backend.input_names[0]: np.ascontiguousarray(x)})[0][0]
-        q = self.quality - 1
-        symbols = np.rint(y * self._gain[q][:, None, None] - self._medians[q][:, None, None]).astype(np.int64)
-        payload = self._coder(self.quality).encode(symbols)
+        return np.ascontiguousarray((padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
+
+    def quantize(self, latent: np.ndarray, quality: int) -> np.ndarray:
+        """The integer symbols of one (C, h, w) latent at `quality`: what the entropy coder codes."""
+        q = quality - 1
+        return np.rint(latent * self._gain[q][:, None, None] - self._medians[q][:, None, None]).astype(np.int64)
+
+    def dequantize(self, symbols: np.ndarray, quality: int) -> np.ndarray:
+        """The decoder's (C, h, w) input from decoded symbols."""
+        q = quality - 1
+        return (symbols.astype(np.float32) + self._medians[q][:, None, None]) * self._inverse_gain[q][:, None, None]
+
+    def encode(self, image: np.ndarray) -> bytes:
+        image = check_image(image)
+        height, width = image.shape[:2]
+        backend = self.encoder_backend
+        y = backend.run({backend.input_names[0]: self.encoder_input(image)})[0][0]
+        payload = self._coder(self.quality).encode(self.quantize(y, self.quality))
         return bitstream.pack(bitstream.Header(self.manifest.tag, self.quality, width, height), payload)
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -191,10 +208,8 @@ class LearnedFaceCodec:
         if not 1 <= header.quality <= self.manifest.qualities:
             raise CodecError(f"corrupt bitstream: quality {header.quality} is outside 1..{self.manifest.qualities}")
         h, w = self.latent_size(header.width, header.height)
-        symbols = self._coder(header.quality).decode(payload, h, w)
-        q = header.quality - 1
-        y_hat = (symbols.astype(np.float32) + self._medians[q][:, None, None]) * self._inverse_gain[q][:, None, None]
-        backend = self._decoder
+        y_hat = self.dequantize(self._coder(header.quality).decode(payload, h, w), header.quality)
+        backend = self.decoder_backend
         x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
         image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(image[: header.height, : header.width])
