@@ -139,6 +139,28 @@ def test_detector_export_with_pinned_input_size(tmp_path: Path) -> None:
     assert all(r.mean_cosine is None for r in exported.parity)  # raw detector outputs: abs error only
 
 
+@needs_shared
+def test_codec_encoder_int8_export_counts_changed_symbols_and_keeps_the_codec_id(tmp_path: Path) -> None:
+    """The learned codec's halves export like any model; the int8 encoder's streams are the
+    bundled codec's (same id), so the cloud decodes what a board running it sends."""
+    from facelink.export.deploy.pipeline import ExportOptions, export_onnx
+    from facelink.export.deploy.source import resolve_source
+    from facelink.runtime.codecs import create_codec
+
+    options = ExportOptions(precision="int8", batch="dynamic", calib_count=16, parity_count=8)
+    exported = export_onnx(resolve_source("codec-default:encoder"), options, tmp_path)
+    (row,) = exported.parity
+    assert row.symbol_mismatch is not None and 0 <= row.symbol_mismatch < 0.1, row
+    board = create_codec(f"learned:{exported.manifest_path}", quality=2)
+    cloud = create_codec("learned", quality=2)
+    assert board.codec_id == cloud.codec_id
+    face = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    assert cloud.decode(board.encode(face)).shape == (128, 128, 3)
+
+    decoder = export_onnx(resolve_source("codec-default:decoder"), ExportOptions(precision="fp16", parity_count=5), tmp_path)
+    assert "encoded at qualities 1-5" in decoder.notes[0] and decoder.parity[0].symbol_mismatch is None
+
+
 def test_export_cli_rejects_calib_without_int8(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "mobilefacenet", "--calib", "lfw"]) == 2
     assert "--calib only applies with --int8" in capsys.readouterr().err

@@ -4,7 +4,8 @@ The reference is the source ONNX file run by ONNX Runtime on the CPU, one input 
 its own batch; the candidate runs through the runtime's backend for its file (ONNX Runtime or
 TensorRT) in batches, so a dynamic-batch export is checked against per-image outputs too.
 Embeddings (a recogniser's outputs) are compared by cosine similarity, the quantity matching
-depends on; everything else by its largest absolute difference.
+depends on; a codec encoder's latents also by the fraction of symbols that change once quantised
+at each quality; everything else by its largest absolute difference.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ParityRow:
     max_abs_error: float
     mean_cosine: float | None
     min_cosine: float | None
+    symbol_mismatch: float | None = None  # a codec encoder: fraction of entropy-coded symbols that change
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +88,11 @@ def parity_table(rows: list[ParityRow]) -> list[str]:
     def cos(value: float | None) -> str:
         return "-" if value is None else f"{value:.6f}"
 
+    def mismatch(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.3f}%"
+
     return markdown_table(
-        ["model", "variant", "output", "inputs", "batch", "max abs error", "mean cosine", "min cosine"],
+        ["model", "variant", "output", "inputs", "batch", "max abs error", "mean cosine", "min cosine", "symbol mismatch"],
         [
             [
                 r.model,
@@ -98,6 +103,7 @@ def parity_table(rows: list[ParityRow]) -> list[str]:
                 f"{r.max_abs_error:.3g}",
                 cos(r.mean_cosine),
                 cos(r.min_cosine),
+                mismatch(r.symbol_mismatch),
             ]
             for r in rows
         ],

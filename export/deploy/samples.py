@@ -80,6 +80,8 @@ def make_samples(
     if for_parity:
         images = images[::-1]
     manifest = source.manifest
+    if source.codec_part is not None:
+        return _codec_inputs(source, specs[0].name, images, count, data)
     if manifest is not None and manifest.task == "recognition":
         return _faces(manifest, images, count, data)
     if manifest is not None and manifest.task == "detection":
@@ -141,6 +143,42 @@ def _faces(manifest: ModelManifest, images: list[Path], count: int, data: str) -
         f"({getattr(detector, 'name', 'detector')} + {manifest.model_id} template)"
     )
     return Samples(tensors, origin, real=True)
+
+
+def _codec_inputs(source: ModelSource, name: str, images: list[Path], count: int, data: str) -> Samples:
+    """A learned codec's encoder sees canonical crops as the edge makes them; its decoder sees
+    those crops' dequantised latents, from the fp32 encoder, at every quality in turn."""
+    from facelink.config import CanonicalCrop
+    from facelink.edge.pipeline import select_faces
+    from facelink.runtime.alignment import canonical_template, warp_face
+    from facelink.runtime.detection import create_detector
+
+    crop = CanonicalCrop()
+    template = canonical_template(crop.size, crop.scale)
+    detector = create_detector()
+    codec = source.codec()
+    inputs = []
+    for path in images:
+        image = _read_rgb(path)
+        faces = select_faces(detector.detect(image), "central", image.shape) if image is not None else []
+        if faces:
+            inputs.append(codec.encoder_input(warp_face(image, faces[0].landmarks, template)[0])[0])
+        if len(inputs) == count:
+            break
+    if not inputs:
+        raise ValueError(f"no face found in the calibration pictures ({data})")
+    x = np.stack(inputs)
+    origin = f"{len(inputs)} canonical {crop.size}x{crop.size} crops from {_describe(data)}"
+    if source.codec_part == "encoder":
+        return Samples({name: x}, origin, real=True)
+    encoder = codec.encoder_backend
+    qualities = codec.manifest.qualities
+    latents = []
+    for i, one in enumerate(x):
+        quality = i % qualities + 1
+        latent = encoder.run({encoder.input_names[0]: one[None]})[0][0]
+        latents.append(codec.dequantize(codec.quantize(latent, quality), quality))
+    return Samples({name: np.stack(latents)}, f"{origin}, encoded at qualities 1-{qualities} in turn", real=True)
 
 
 def _frames(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facelink.runtime.codecs.learned import CODEC_PREFIX, codec_manifests
 from facelink.runtime.manifest import (
     ManifestError,
     ModelManifest,
@@ -44,6 +45,18 @@ class ModelSource:
     def task(self) -> str | None:
         return self.manifest.task if self.manifest is not None else None
 
+    @property
+    def codec_part(self) -> str | None:
+        """'encoder' or 'decoder' when this is one half of a learned codec bundle."""
+        is_codec = self.component in ("encoder", "decoder") and "stride" in self.data and "tables" in self.data
+        return self.component if is_codec else None
+
+    def codec(self, quality: int = 1):  # noqa: ANN201 - LearnedFaceCodec, imported lazily
+        """The runtime codec of this bundle (its fp32 source files), for a codec part."""
+        from facelink.runtime.codecs.learned import CodecManifest, LearnedFaceCodec
+
+        return LearnedFaceCodec(CodecManifest.model_validate(self.data), self.manifest_path.parent, quality)
+
 
 def _manifest_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
@@ -51,7 +64,8 @@ def _manifest_path(name_or_path: str) -> Path:
         if not path.is_file():
             raise ManifestError(f"manifest {path} does not exist")
         return path.resolve()
-    bundled = bundled_manifests()
+    # Model manifests by name, and learned codec bundles by file stem (codec-default).
+    bundled = bundled_manifests() | {f"{CODEC_PREFIX}{name}": path for name, path in codec_manifests().items()}
     if name_or_path not in bundled:
         raise ManifestError(
             f"no manifest named {name_or_path!r}; bundled: {', '.join(sorted(bundled))}, "
