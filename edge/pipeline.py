@@ -1,4 +1,5 @@
-"""Frame -> faces -> what goes on the wire: detect, track, align to the canonical crop, encode."""
+"""Frame -> faces -> what goes on the wire: detect, track, then per face either the canonical crop
+coded by the payload codec, or the query model's embedding of the face."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from facelink.config import EdgeConfig
 from facelink.runtime.alignment import canonical_template, warp_face
 from facelink.runtime.codecs import FaceCodec, create_codec
 from facelink.runtime.detection import Detection, FaceDetector, create_detector
+from facelink.runtime.embeddings import pack_embedding
+from facelink.runtime.recognition import Recognizer, create_recognizer
 from facelink.v1 import common_pb2, recognition_pb2
 
 from .sources import Frame
@@ -30,7 +33,7 @@ class EdgeFace:
 
     observation: recognition_pb2.FaceObservation
     detection: Detection
-    crop: np.ndarray  # the canonical aligned crop, before encoding
+    crop: np.ndarray  # what the payload was made from: the canonical crop, or the query model's aligned face
 
 
 def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[int, ...]) -> list[Detection]:
@@ -44,10 +47,21 @@ def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[in
 
 
 class EdgePipeline:
-    def __init__(self, config: EdgeConfig, detector: FaceDetector | None = None, codec: FaceCodec | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        detector: FaceDetector | None = None,
+        codec: FaceCodec | None = None,
+        query: Recognizer | None = None,
+    ) -> None:
         self.config = config
         self.detector = detector or create_detector(config.detector)
-        self.codec = codec or create_codec(config.codec, quality=config.quality)
+        self.codec: FaceCodec | None = None
+        self.query: Recognizer | None = None
+        if config.payload == "embedding":
+            self.query = query or create_recognizer(config.query_model, config.backend)
+        else:
+            self.codec = codec or create_codec(config.codec, quality=config.quality)
         self.template = canonical_template(config.crop.size, config.crop.scale)
         self.tracker = IouTracker()
         self._request_id = 0
@@ -57,7 +71,6 @@ class EdgePipeline:
         track_ids = self.tracker.update(np.array([d.box for d in detections], dtype=np.float32).reshape(-1, 4))
         faces = []
         for index, (detection, track_id) in enumerate(zip(detections, track_ids)):
-            crop, crop_landmarks = warp_face(frame.image, detection.landmarks, self.template)
             self._request_id += 1
             observation = recognition_pb2.FaceObservation(
                 camera_id=camera_id or self.config.stream.camera_id,
@@ -67,11 +80,32 @@ class EdgePipeline:
                 face_index=index,
                 box=box_to_proto(detection.box),
                 landmarks=landmarks_to_proto(detection.landmarks),
-                payload_landmarks=landmarks_to_proto(crop_landmarks),
-                face=common_pb2.EncodedFace(
-                    codec_id=self.codec.codec_id, codec_version=self.codec.version, data=self.codec.encode(crop)
-                ),
                 request_id=self._request_id,
             )
+            if self.query is not None:
+                crop = self.query.align(frame.image, detection.landmarks)
+                observation.embedding.CopyFrom(self.embed(crop))
+            else:
+                assert self.codec is not None
+                crop, crop_landmarks = warp_face(frame.image, detection.landmarks, self.template)
+                observation.payload_landmarks.CopyFrom(landmarks_to_proto(crop_landmarks))
+                observation.face.CopyFrom(
+                    common_pb2.EncodedFace(
+                        codec_id=self.codec.codec_id, codec_version=self.codec.version, data=self.codec.encode(crop)
+                    )
+                )
             faces.append(EdgeFace(observation, detection, crop))
         return faces
+
+    def embed(self, aligned: np.ndarray) -> common_pb2.Embedding:
+        """The query model's embedding of one face aligned to its template, packed for the wire."""
+        assert self.query is not None
+        vector = self.query.embed_aligned(aligned[None])[0]
+        data, scale = pack_embedding(vector, self.config.embedding_dtype)
+        return common_pb2.Embedding(
+            model_id=self.query.model_id,
+            dtype=common_pb2.DType.Value(f"DTYPE_{self.config.embedding_dtype.upper()}"),
+            dim=int(vector.size),
+            scale=scale,
+            data=data,
+        )

@@ -279,8 +279,10 @@ def _edge(args: argparse.Namespace) -> int:
         detector=DetectorConfig(kind=args.detector),
         crop=CanonicalCrop(size=args.crop_size),
         faces=args.faces,
+        payload=args.payload,
         codec=args.codec,
         quality=args.quality,
+        query_model=args.query_model,
         stream=StreamConfig(
             server=args.server,
             camera_id=args.camera_id,
@@ -303,14 +305,18 @@ def _edge(args: argparse.Namespace) -> int:
 
 
 def _add_edge(sub: argparse._SubParsersAction) -> None:
+    from .config import EdgeConfig
+
+    defaults = EdgeConfig()
     p = sub.add_parser(
         "edge",
         help="stream faces from a camera, video, RTSP URL or picture folder to a server",
         formatter_class=_FORMATTER,
         description="""\
 The device side: read frames, detect faces (YuNet, or dlib's HOG where ../shared is absent),
-align each face to the canonical crop, encode it, and stream it with its landmarks over one
-bidirectional gRPC call. Results are printed as they arrive.
+align each face to the canonical crop and encode it (or, with --payload embedding, run the
+small query model on the board and send its 128-byte int8 embedding), and stream it with its
+landmarks over one bidirectional gRPC call. Results are printed as they arrive.
 
 The link keeps a bounded queue: with a live source (camera, RTSP) the oldest face is dropped
 when the server falls behind; with files nothing is dropped and reading waits. If the server
@@ -326,13 +332,20 @@ sources:
 examples:
   facelink edge --source 0 --server cloud.example:50051 --camera-id door-1
   facelink edge --source ../shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart --server localhost:50051
-  facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75""",
+  facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75
+  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v1, int8""",
     )
     p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or picture folder")
     p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
     p.add_argument("--camera-id", default="camera-0", help="name of this camera in results (default camera-0)")
-    p.add_argument("--codec", default="jpeg", help="payload codec: jpeg, webp, png (default jpeg)")
-    p.add_argument("--quality", type=int, default=90, help="codec quality 1-100 (default 90)")
+    p.add_argument("--payload", choices=["face", "embedding"], default=defaults.payload,
+                   help=f"what travels per face: the coded crop, or the query model's int8 embedding (default {defaults.payload})")
+    p.add_argument("--codec", default=defaults.codec,
+                   help=f"face payload codec: jpeg, webp, png, learned (default {defaults.codec})")
+    p.add_argument("--quality", type=int, default=defaults.quality,
+                   help=f"codec quality: 1-100 for jpeg/webp, 1-5 for learned (default {defaults.quality})")
+    p.add_argument("--query-model", default=defaults.query_model,
+                   help=f"embedding payload model, manifest name or path (default {defaults.query_model})")
     p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")
     p.add_argument("--faces", choices=["all", "largest", "central"], default="all", help="faces per frame to send")
     p.add_argument("--crop-size", type=int, default=128, help="side of the canonical aligned crop in px (default 128)")

@@ -89,8 +89,20 @@ class EdgeConfig(_Config):
     faces: Literal["all", "largest", "central"] = Field(
         "all", description="which faces of a frame to send: all, the largest, or the one nearest the centre"
     )
+    payload: Literal["face", "embedding"] = Field(
+        "face",
+        description="face: send the coded canonical crop (the cloud runs its large recognisers on it); "
+        "embedding: send the query model's embedding of the face (a few hundred bytes at most, "
+        "matched against the gallery through the query model's ensemble)",
+    )
     codec: str = Field("jpeg", description="payload codec id (see `facelink edge --help`)")
     quality: int = Field(90, ge=1, le=100, description="codec quality")
+    query_model: str = Field(
+        "facelink-query-v1", description="the query model (manifest name or path) of `embedding` payloads"
+    )
+    embedding_dtype: Literal["float32", "float16", "int8"] = Field(
+        "int8", description="how an embedding travels: int8 (one byte per dimension and a scale) costs no accuracy"
+    )
     stream: StreamConfig = StreamConfig()
     backend: BackendConfig = BackendConfig()
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from facelink.config import EdgeConfig
 from facelink.edge.pipeline import EdgePipeline
 from facelink.edge.sources import Frame
-from facelink.runtime.embeddings import pack_embedding
+from facelink.runtime.embeddings import unpack_embedding
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
 from .support import lfw_image, needs_shared, read_rgb
@@ -124,26 +124,32 @@ def test_malformed_payloads_are_rejected_and_the_stream_survives(enrolled_server
     stream.close()
 
 
-def test_embedding_payloads(enrolled_server, channel_to, engine_parts, pipeline) -> None:
-    recognizer = engine_parts[0]
-    observation = observe(pipeline, "Colin_Powell", 3)
-    image = pipeline.codec.decode(observation.face.data)
-    landmarks = np.array([(p.x, p.y) for p in observation.payload_landmarks.points], np.float32)
-    data, scale = pack_embedding(recognizer.embed(image, landmarks), "int8")
-    embedding = recognition_pb2.FaceObservation(
-        camera_id="c",
-        embedding=common_pb2.Embedding(model_id=recognizer.model_id, dtype=common_pb2.DTYPE_INT8, dim=128, scale=scale, data=data),
-    )
+def test_embedding_payloads(enrolled_server, channel_to, engine_parts) -> None:
+    """The edge's `embedding` payload: the query model runs on the device, 128 int8 bytes travel."""
+    config = EdgeConfig(faces="central", payload="embedding", query_model="mobilefacenet")
+    edge = EdgePipeline(config, detector=engine_parts[1], query=engine_parts[0])
+    observation = observe(edge, "Colin_Powell", 3)
+    assert observation.WhichOneof("payload") == "embedding"
+    assert observation.embedding.dtype == common_pb2.DTYPE_INT8 and len(observation.embedding.data) == 128
     stream = Stream(channel_to(enrolled_server.address))
-    result = stream.send(embedding)
+    result = stream.send(observation)
     assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == "Colin_Powell"
-    assert len(data) == 128
+    stranger = stream.send(observe(edge, STRANGER, 1))
+    assert stranger.decision == recognition_pb2.DECISION_UNKNOWN
 
-    embedding.embedding.model_id = "someone-elses-model@3"
-    refused = stream.send(embedding)
+    observation.embedding.model_id = "someone-elses-model@3"
+    refused = stream.send(observation)
     assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "not accepted" in refused.error.message
     stream.close()
+
+
+def test_the_bundled_query_model_on_the_edge(engine_parts) -> None:
+    edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1])
+    embedding = observe(edge, "Tony_Blair", 1).embedding
+    assert embedding.model_id == "facelink-query@v1" and embedding.dim == 128
+    vector = unpack_embedding(embedding.data, "int8", embedding.dim, embedding.scale)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 0.02
 
 
 def test_gallery_calls_and_their_errors(enrolled_server, channel_to) -> None:
