@@ -1,6 +1,7 @@
 """Latency, size and memory of each model on each backend this machine has, and of the edge path.
 
-Per model (MobileFaceNet, YuNet, any manifest given with --model), precision (fp32, fp16, int8:
+Per model (MobileFaceNet, YuNet, the query model, the learned codec's encoder and decoder, any
+manifest given with --model, `BUNDLE:COMPONENT` for one file of a bundle), precision (fp32, fp16, int8:
 exported by the same code as `facelink export`, reused when unchanged) and backend available
 here (ONNX Runtime CPU; ONNX Runtime CUDA / TensorRT execution providers and native TensorRT
 where installed), at 1 thread and all cores:
@@ -13,13 +14,16 @@ where installed), at 1 thread and all cores:
 
 The edge path per face runs in its own process too: detect (YuNet through OpenCV, as on the
 board) + align to the canonical crop + encode with each --codec (any id `create_codec` knows,
-so a learned codec plugs in by id) + build and serialise the FaceObservation.
+`ID@QUALITY`; the learned codec runs its encoder exported at each --edge-precision) + the query
+model's embedding (align to its template + embed, at the same precision) + build and serialise
+the FaceObservation. "align + encode + query" is the issue's edge-path figure.
 
 Numbers are only worth quoting from a quiet machine: every process here competes for the
 same cores with whatever else runs.
 
     facelink bench latency
     facelink bench latency -- --model mobilefacenet --precision int8 --threads 1 --batches 1,8
+    facelink bench latency -- --model none --codec learned@3 --edge-precision int8 --threads 1
     facelink bench latency -- --seconds 0.2 --batches 1,2 --edge-frames 10   # a smoke test
 """
 
@@ -43,7 +47,9 @@ from facelink.config import cache_dir
 from . import reporting
 
 DEFAULT_JSON = Path("benchmarks/results/latency.json")
-DEFAULT_MODELS = ("mobilefacenet", "yunet")
+DEFAULT_MODELS = ("mobilefacenet", "yunet", "facelink-query-v1", "codec-default:encoder", "codec-default:decoder")
+DEFAULT_CODECS = ("jpeg@90", "learned@3")
+DEFAULT_QUERY = "facelink-query-v1"
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_FRAME = (640, 480)  # a VGA camera frame; YuNet needs multiples of 32
 BACKEND_PROVIDERS = {
@@ -72,8 +78,11 @@ class ModelRun:
 
 @dataclass(frozen=True)
 class EdgeRun:
-    codec: str
-    quality: int
+    codec: str  # what `create_codec` takes (a learned codec: `learned:<exported manifest>`)
+    label: str  # the codec as the report names it
+    quality: int | None
+    precision: str
+    query: str | None  # the query model's manifest (exported at `precision`), or None
     threads: int
     frames: int
 
@@ -144,27 +153,31 @@ def measure_model(run: ModelRun) -> dict:
 def measure_edge(run: EdgeRun) -> dict:
     import cv2
 
-    from facelink.config import CanonicalCrop, DetectorConfig
+    from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig
     from facelink.datasets import LFW
     from facelink.edge.pipeline import box_to_proto, landmarks_to_proto
     from facelink.runtime.alignment import canonical_template, warp_face
     from facelink.runtime.codecs import create_codec
+    from facelink.runtime.codecs.learned import LearnedFaceCodec
     from facelink.runtime.detection import create_detector
+    from facelink.runtime.recognition import create_recognizer
     from facelink.v1 import common_pb2, recognition_pb2
 
     cv2.setNumThreads(run.threads)
     detector = create_detector(DetectorConfig())
-    codec = create_codec(run.codec, quality=run.quality)
+    backend = BackendConfig(intra_op_threads=run.threads)
+    if run.codec.startswith("learned:"):  # its ONNX sessions at the run's thread count
+        codec = LearnedFaceCodec.load(run.codec.partition(":")[2], run.quality or 3, backend)
+    else:
+        codec = create_codec(run.codec, quality=run.quality)
+    query = create_recognizer(run.query, backend) if run.query else None
     crop = CanonicalCrop()
     template = canonical_template(crop.size, crop.scale)
     pictures = LFW.locate().training_images()[: run.frames]
-    stages: dict[str, list[float]] = {
-        "detect per face": [],
-        "align": [],
-        "encode": [],
-        "serialise": [],
-        "total": [],
-    }
+    stages: dict[str, list[float]] = {"detect per face": [], "align": [], "encode": []}
+    if query is not None:
+        stages["query embedding"] = []
+    stages |= {"serialise": [], "align + encode + query": [], "total": []}
     sizes = []
     for path in pictures:
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -177,6 +190,9 @@ def measure_edge(run: EdgeRun) -> dict:
             t1 = time.perf_counter()
             data = codec.encode(canonical)
             t2 = time.perf_counter()
+            if query is not None:
+                query.embed(image, face.landmarks)
+            t3 = time.perf_counter()
             wire = recognition_pb2.FaceObservation(
                 camera_id="bench",
                 box=box_to_proto(face.box),
@@ -184,10 +200,18 @@ def measure_edge(run: EdgeRun) -> dict:
                 payload_landmarks=landmarks_to_proto(points),
                 face=common_pb2.EncodedFace(codec_id=codec.codec_id, codec_version=codec.version, data=data),
             ).SerializeToString()
-            t3 = time.perf_counter()
-            steps = [(t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3]
-            for key, value in zip(stages, [detect, *steps, detect + sum(steps)]):
-                stages[key].append(value)
+            t4 = time.perf_counter()
+            times = {
+                "detect per face": detect,
+                "align": (t1 - t0) * 1e3,
+                "encode": (t2 - t1) * 1e3,
+                "query embedding": (t3 - t2) * 1e3,
+                "serialise": (t4 - t3) * 1e3,
+                "align + encode + query": (t3 - t0) * 1e3,
+                "total": detect + (t4 - t0) * 1e3,
+            }
+            for key, values in stages.items():
+                values.append(times[key])
             sizes.append(len(wire))
     if not sizes:
         raise RuntimeError("the edge benchmark found no face in its pictures")
@@ -195,6 +219,7 @@ def measure_edge(run: EdgeRun) -> dict:
         **asdict(run),
         "faces": len(sizes),
         "detector": getattr(detector, "name", "detector"),
+        "query_model": query.model_id if query is not None else None,
         "p50_ms": {k: float(np.percentile(v, 50)) for k, v in stages.items()},
         "p99_ms": {k: float(np.percentile(v, 99)) for k, v in stages.items()},
         "mean_observation_bytes": float(np.mean(sizes)),
@@ -249,7 +274,8 @@ def plan_runs(args: argparse.Namespace, backends: list[str]) -> tuple[list[Model
     cores = reporting.cpu_count()
     thread_counts = sorted({1, cores} if args.threads is None else {args.threads})
     runs, notes = [], []
-    for model in args.model or DEFAULT_MODELS:
+    models = [] if args.model == ["none"] else args.model or DEFAULT_MODELS
+    for model in models:
         source = resolve_source(model)
         is_detector = source.task == "detection"
         for precision in args.precision or ["fp32", "fp16", "int8"]:
@@ -263,7 +289,7 @@ def plan_runs(args: argparse.Namespace, backends: list[str]) -> tuple[list[Model
             exported = export_onnx(source, options, out, reuse=True)
             onnx_model = onnx.load(exported.path)
             specs = graph.inputs(onnx_model)
-            width, height = args.frame
+            width, height = _spatial_size(source, args.frame)
             shapes = {
                 s.name: [
                     d if isinstance(d, int) else (height if i == 1 else width)
@@ -297,7 +323,57 @@ def plan_runs(args: argparse.Namespace, backends: list[str]) -> tuple[list[Model
                 f"{source.label}: {args.frame[0]}x{args.frame[1]} frames (the edge runs YuNet through OpenCV; "
                 "these rows are the raw network through ONNX Runtime / TensorRT)"
             )
+        if source.codec_part:
+            side = _spatial_size(source, args.frame)[0]
+            what = "canonical face" if source.codec_part == "encoder" else "latent of a canonical face"
+            notes.append(f"{source.label}: one {side}x{side} {what} per input")
     return runs, notes
+
+
+def _spatial_size(source, frame: tuple[int, int]) -> tuple[int, int]:  # noqa: ANN001 - a ModelSource
+    """Width, height of a model's dynamic image dimensions: a detector sees camera frames; a
+    codec encoder the canonical crop, its decoder that crop's latent (the crop / the stride)."""
+    from facelink.config import CanonicalCrop
+
+    if source.codec_part is None:
+        return frame
+    side = CanonicalCrop().size
+    if source.codec_part == "decoder":
+        side = -(-side // int(source.data["stride"]))
+    return side, side
+
+
+def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
+    """One edge run per codec, precision and thread count; exports what each precision needs."""
+    from facelink.export.deploy.pipeline import ExportOptions, export_onnx
+    from facelink.export.deploy.source import resolve_source
+    from facelink.runtime.codecs.learned import CODEC_PREFIX
+    from facelink.runtime.codecs import LEARNED_ALIAS
+
+    codecs = [c for c in (args.codec or DEFAULT_CODECS) if c != "none"]
+    if not codecs:
+        return []
+    out = cache_dir() / "exports"
+    thread_counts = sorted({1, reporting.cpu_count()} if args.threads is None else {args.threads})
+
+    def exported(model: str, precision: str) -> str:
+        options = ExportOptions(precision=precision, calib_count=args.calib_count, command="facelink bench latency (export)")
+        return str(export_onnx(resolve_source(model), options, out, reuse=True).manifest_path)
+
+    runs = []
+    for spec in codecs:
+        codec, _, quality = spec.partition("@")
+        for precision in args.edge_precision or ["fp32", "int8"]:
+            wire = codec
+            if codec == LEARNED_ALIAS or codec.startswith(LEARNED_ALIAS + ":"):
+                name = codec.partition(":")[2] or "default"
+                wire = f"{LEARNED_ALIAS}:{exported(f'{CODEC_PREFIX}{name}:encoder', precision)}"
+            query = None if args.query == "none" else exported(args.query, precision)
+            for threads in thread_counts:
+                runs.append(
+                    EdgeRun(wire, codec, int(quality) if quality else None, precision, query, threads, args.edge_frames)
+                )
+    return runs
 
 
 # -- report --------------------------------------------------------------------------------------------
@@ -352,24 +428,29 @@ def format_report(payload: dict) -> str:
         *payload["notes"],
     ]
     if payload["edge"]:
-        stages = list(payload["edge"][0]["p50_ms"])
+        edge = payload["edge"]
+        stages = list(edge[0]["p50_ms"])
+        query = next((e["query_model"] for e in edge if e["query_model"]), None)
         lines += [
             "",
-            f"edge path per face ({payload['edge'][0]['detector']} + canonical crop + codec + FaceObservation), "
-            "p50 ms (p99 for the total):",
+            f"edge path per face ({edge[0]['detector']} + canonical crop + codec"
+            + (f" + {query} embedding" if query else "")
+            + " + FaceObservation), p50 ms (p99 for the total); precision applies to the learned "
+            "encoder and the query model:",
             "",
             *reporting.markdown_table(
-                ["codec", "threads", "faces", *stages, "total p99", "bytes on the wire"],
+                ["codec", "precision", "threads", "faces", *stages, "total p99", "bytes on the wire"],
                 [
                     [
-                        f"{e['codec']} q{e['quality']}",
+                        e["label"] + (f" q{e['quality']}" if e["quality"] else ""),
+                        e["precision"],
                         str(e["threads"]),
                         str(e["faces"]),
                         *[f"{e['p50_ms'][s]:.2f}" for s in stages],
                         f"{e['p99_ms']['total']:.2f}",
                         f"{e['mean_observation_bytes']:.0f}",
                     ]
-                    for e in payload["edge"]
+                    for e in edge
                 ],
             ),
         ]
@@ -389,7 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", action="append", help="manifest name or path; repeat (default: mobilefacenet, yunet)"
+        "--model",
+        action="append",
+        help="manifest name or path, BUNDLE:COMPONENT for one file of a bundle; repeat; 'none' skips the "
+        f"model rows (default: {', '.join(DEFAULT_MODELS)})",
     )
     p.add_argument(
         "--precision", action="append", choices=["fp32", "fp16", "int8"], help="repeat (default: all three)"
@@ -416,9 +500,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--codec",
         action="append",
-        help="edge path codec id, repeat (default jpeg); 'none' skips the edge path",
+        help="edge path codec as ID@QUALITY, repeat (default: "
+        f"{', '.join(DEFAULT_CODECS)}); 'none' skips the edge path",
     )
-    p.add_argument("--quality", type=int, default=90, help="codec quality (default 90)")
+    p.add_argument(
+        "--edge-precision",
+        action="append",
+        choices=["fp32", "fp16", "int8"],
+        help="precision of the learned encoder and query model on the edge path, repeat (default: fp32, int8)",
+    )
+    p.add_argument(
+        "--query", default=DEFAULT_QUERY, help=f"edge path query model, 'none' to leave it out (default {DEFAULT_QUERY})"
+    )
     p.add_argument(
         "--edge-frames", type=int, default=300, help="LFW pictures for the edge path (default 300)"
     )
@@ -457,10 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(_in_subprocess("model", run))
     edge = []
-    codecs = [c for c in (args.codec or ["jpeg"]) if c != "none"]
-    for codec in codecs:
-        for threads in sorted({1, reporting.cpu_count()} if args.threads is None else {args.threads}):
-            edge.append(_in_subprocess("edge", EdgeRun(codec, args.quality, threads, args.edge_frames)))
+    for run in plan_edge(args):
+        print(f"edge path: {run.label} {run.precision} threads={run.threads}", file=sys.stderr, flush=True)
+        edge.append(_in_subprocess("edge", run))
     payload = {
         "benchmark": "latency",
         "command": command,
