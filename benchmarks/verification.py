@@ -286,7 +286,17 @@ class Job:
 
 def cache_file(model_id: str, codec_id: str, quality: int, digest: str) -> Path:
     safe_model = "".join(c if c.isalnum() or c in "._-@" else "_" for c in model_id)
-    return cache_dir() / "embeddings" / f"{safe_model}-{codec_id}-q{quality}-{digest}.npz"
+    return cache_dir() / "embeddings" / f"{safe_model}-{codec_key(codec_id)}-q{quality}-{digest}.npz"
+
+
+def codec_key(codec_id: str) -> str:
+    """A file-name-safe key for a codec argument. `learned:<path.json>` (an exported encoder,
+    which shares its bundle's wire id) is keyed by its manifest's content, so two exports of
+    one codec never share cached embeddings."""
+    alias, _, name = codec_id.partition(":")
+    if alias == "learned" and name.endswith(".json"):
+        return f"learned-{hashlib.sha256(Path(name).read_bytes()).hexdigest()[:12]}"
+    return codec_id
 
 
 def load_cache(path: Path, images: list[str]) -> Embedded | None:
@@ -385,7 +395,7 @@ def evaluate(job: Job, pairs: list[Pair], index: dict[Path, int]) -> dict:
     return {
         "recognizer": job.recognizer.model_id,
         "codec": job.label,
-        "codec_id": job.codec_id,
+        "codec_id": job.codec.codec_id if job.codec is not None else job.codec_id,  # the id on the wire
         "quality": None if job.codec_id == NO_CODEC else job.quality,
         "images": int(result.embeddings.shape[0]),
         "pairs": int(len(pairs)),
