@@ -443,7 +443,8 @@ def _export_model(args: argparse.Namespace) -> int:
         print(note)
     print()
     print("\n".join(parity_table(exported.parity)))
-    print("\nparity: against the fp32 source run by ONNX Runtime one input at a time; cosine for embeddings.")
+    print("\nparity: against the fp32 source run by ONNX Runtime one input at a time; cosine for embeddings, "
+          "and for a codec encoder the share of latent symbols that change.")
     if args.format != "triton":
         print(f"run it: facelink cloud serve --recognizer {exported.manifest_path}   (or create_recognizer(path))"
               if source.task == "recognition" else f"manifest: {exported.manifest_path}")
@@ -456,8 +457,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export a model to ONNX (fp32/fp16/int8), a TensorRT engine or a Triton repository",
         formatter_class=_FORMATTER,
         description="""\
-Export MODEL (a manifest name such as mobilefacenet or yunet, a path to a manifest, or
-BUNDLE:COMPONENT for one ONNX file of a bundle such as a codec's encoder) for deployment:
+Export MODEL (a manifest name such as mobilefacenet, yunet or facelink-query-v1, a path to a
+manifest, or BUNDLE:COMPONENT for one ONNX file of a bundle: codec-default:encoder,
+codec-default:decoder, ensemble-facelink-query-v1:mobilefacenet@ms1m-1) for deployment:
 
   onnx    opset 17, ONNX checker, graph simplification (onnxslim), optional static or
           dynamic batch, fp16 (--half) or int8 QDQ (--int8, calibrated on --calib data)
@@ -467,9 +469,14 @@ BUNDLE:COMPONENT for one ONNX file of a bundle such as a codec's encoder) for de
 
 Each file is written with a manifest (same fields, new file and sha256, the precision in
 its description; fp16/int8 also suffix the version, so the model id differs) and a
-<name>.export.json record, then checked against the fp32 source: max abs error, and cosine
-for embeddings, printed as a table. Calibration and parity inputs are made by the runtime's
-own detector, alignment and preprocessing from LFW pictures pairs.txt does NOT reference.
+<name>.export.json record, then checked against the fp32 source: max abs error, cosine
+for embeddings (recognisers, transforms), the share of changed latent symbols for a codec
+encoder, printed as a table. Calibration and parity inputs are made by the runtime's own
+detector, alignment and preprocessing from LFW pictures pairs.txt does NOT reference: faces
+for recognisers, canonical crops (and their latents) for the codec, a gallery model's
+embeddings for its transform. A codec encoder's export keeps the codec id (the id binds
+the decoder and tables), so `--codec learned:<its manifest>` on the board talks to a cloud
+running the fp32 bundle; other models' fp16/int8 exports get their own model id.
 
 `facelink export manifest NAME` checks a manifest against its weights' sha256.""",
         epilog="""\

@@ -161,6 +161,22 @@ def test_codec_encoder_int8_export_counts_changed_symbols_and_keeps_the_codec_id
     assert "encoded at qualities 1-5" in decoder.notes[0] and decoder.parity[0].symbol_mismatch is None
 
 
+@needs_shared
+def test_an_ensemble_transform_exports_on_its_gallery_models_embeddings(tmp_path: Path) -> None:
+    from facelink.export.deploy.pipeline import ExportOptions, export_onnx
+    from facelink.export.deploy.source import resolve_source
+    from facelink.runtime.asymmetric import GalleryEnsemble
+
+    source = resolve_source("ensemble-facelink-query-v1:mobilefacenet@ms1m-1")
+    assert source.gallery_model == "mobilefacenet@ms1m-1"
+    exported = export_onnx(source, ExportOptions(precision="fp16", parity_count=4), tmp_path)
+    (row,) = exported.parity
+    assert row.min_cosine > 0.999 and "mobilefacenet@ms1m-1 embeddings of 4 faces" in exported.notes[0]
+    # The derived ensemble still finds its other transform and its query model's manifest.
+    ensemble = GalleryEnsemble.load(exported.manifest_path)
+    assert ensemble.gallery_models == ("mobilefacenet@ms1m-1", "dlib-resnet-onnx@v1")
+
+
 def test_export_cli_rejects_calib_without_int8(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "mobilefacenet", "--calib", "lfw"]) == 2
     assert "--calib only applies with --int8" in capsys.readouterr().err

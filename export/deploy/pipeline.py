@@ -28,7 +28,7 @@ from facelink.runtime.manifest import CACHE_PREFIX, SHARED_PREFIX, file_sha256
 from . import graph
 from .parity import ParityRow, compare, reference_outputs, run_batched
 from .samples import DEFAULT_FRAME, Samples, make_samples
-from .source import ModelSource
+from .source import ModelSource, onnx_components
 
 Batch = int | Literal["dynamic", "keep"]
 PARITY_BATCH = 8  # a dynamic-batch export is checked in batches of this size against per-image outputs
@@ -109,7 +109,7 @@ def _frame(options: ExportOptions) -> tuple[int, int]:
 
 
 def _parity_data(source: ModelSource, options: ExportOptions) -> str:
-    if options.calib != "lfw" or source.task in ("recognition", "detection") or source.codec_part:
+    if options.calib != "lfw" or source.task in ("recognition", "detection") or source.codec_part or source.gallery_model:
         return options.calib
     return "random"  # no known way to make this model's inputs from pictures
 
@@ -313,7 +313,7 @@ def check_parity(source: ModelSource, options: ExportOptions, path: Path) -> tup
         reference,
         candidate,
         batch,
-        embeddings=source.task == "recognition",
+        embeddings=source.task == "recognition" or source.gallery_model is not None,
     )
     if source.codec_part == "encoder":
         # What decides a codec encoder's parity is not its float error but whether the symbols
@@ -338,13 +338,18 @@ def derived_manifest(
 ) -> dict[str, Any]:
     data = json.loads(json.dumps(source.data))
     if source.component:
-        for key, entry in data.items():  # the other files of a bundle stay where they are
-            if isinstance(entry, dict) and "file" in entry and key != source.component:
-                entry["file"] = _absolute(entry["file"], source.manifest_path)
-        data[source.component] = {**data[source.component], "file": file_name, "sha256": sha256}
+        # The other files of a bundle stay where they are (whatever their kind: tables, the
+        # other half of a codec, an ensemble's query manifest).
+        for key, value in data.items():
+            for entry in value if isinstance(value, list) else [value]:
+                if isinstance(entry, dict) and "file" in entry:
+                    entry["file"] = _absolute(entry["file"], source.manifest_path)
+            if key.endswith("_manifest") and isinstance(value, str) and value.endswith(".json"):
+                data[key] = _absolute(value, source.manifest_path)
+        onnx_components(data)[source.component].update(file=file_name, sha256=sha256)
     else:
         data["file"], data["sha256"] = file_name, sha256
-    if tag:
+    if tag and (source.component is None or "version" in data):  # a bundle without one (an ensemble) keeps none
         data["version"] = f"{data.get('version', '1')}-{tag}"
     origin = f"{source.label} (sha256 {source.sha256[:12]}...)"
     data["description"] = (

@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from facelink.runtime.alignment import Template
 from facelink.runtime.manifest import InputSpec, ModelManifest
 
 from .graph import TensorSpec
@@ -82,6 +83,8 @@ def make_samples(
     manifest = source.manifest
     if source.codec_part is not None:
         return _codec_inputs(source, specs[0].name, images, count, data)
+    if source.gallery_model is not None:
+        return _transform_inputs(source.gallery_model, specs[0].name, images, count, data)
     if manifest is not None and manifest.task == "recognition":
         return _faces(manifest, images, count, data)
     if manifest is not None and manifest.task == "detection":
@@ -114,61 +117,69 @@ def _read_rgb(path: Path) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _faces(manifest: ModelManifest, images: list[Path], count: int, data: str) -> Samples:
+def _aligned(template: Template, images: list[Path], count: int, data: str) -> tuple[np.ndarray, str]:
+    """Up to `count` faces (the one nearest each picture's centre, found by the runtime's
+    detector) warped to `template`; and a description of where they came from."""
     from facelink.edge.pipeline import select_faces
     from facelink.runtime.alignment import warp_face
     from facelink.runtime.detection import create_detector
-    from facelink.runtime.recognition import OnnxRecognizer
 
     detector = create_detector()
-    recognizer = OnnxRecognizer(manifest)
     crops = []
     for path in images:
         image = _read_rgb(path)
         faces = select_faces(detector.detect(image), "central", image.shape) if image is not None else []
         if faces:
-            crops.append(warp_face(image, faces[0].landmarks, manifest.template)[0])
+            crops.append(warp_face(image, faces[0].landmarks, template)[0])
         if len(crops) == count:
             break
     if not crops:
         raise ValueError(f"no face found in the calibration pictures ({data})")
-    stack = np.stack(crops)
+    return np.stack(crops), f"{len(crops)} faces from {_describe(data)} ({getattr(detector, 'name', 'detector')})"
+
+
+def _faces(manifest: ModelManifest, images: list[Path], count: int, data: str) -> Samples:
+    from facelink.runtime.recognition import OnnxRecognizer
+
+    recognizer = OnnxRecognizer(manifest)
+    stack, origin = _aligned(manifest.template, images, count, data)
     assert manifest.embedding is not None
     mirrored = manifest.embedding.flip_augmentation
     if mirrored:  # the runtime also runs every face mirrored: calibrate on what it will see
         stack = np.concatenate([stack, stack[:, :, ::-1]])
+        origin += " + mirror images"
     tensors = {recognizer.backend.input_names[0]: recognizer.preprocess(stack)}
-    origin = (
-        f"{len(crops)} faces{' + mirror images' if mirrored else ''} from {_describe(data)} "
-        f"({getattr(detector, 'name', 'detector')} + {manifest.model_id} template)"
+    return Samples(tensors, f"{origin}, {manifest.model_id} template", real=True)
+
+
+def _transform_inputs(gallery_model: str, name: str, images: list[Path], count: int, data: str) -> Samples:
+    """An embedding transform sees its gallery model's embeddings of faces, as enrollment makes them."""
+    from facelink.runtime.manifest import bundled_manifests, load_manifest
+    from facelink.runtime.recognition import OnnxRecognizer
+
+    manifest = next(
+        (m for m in map(load_manifest, bundled_manifests()) if m.model_id == gallery_model and m.format == "onnx"),
+        None,
     )
-    return Samples(tensors, origin, real=True)
+    if manifest is None:
+        raise ValueError(f"no bundled ONNX manifest has the model id {gallery_model!r}: pass --calib FILE.npz")
+    crops, origin = _aligned(manifest.template, images, count, data)
+    embeddings = OnnxRecognizer(manifest).embed_aligned(crops)
+    return Samples({name: embeddings.astype(np.float32)}, f"{manifest.model_id} embeddings of {origin}", real=True)
 
 
 def _codec_inputs(source: ModelSource, name: str, images: list[Path], count: int, data: str) -> Samples:
     """A learned codec's encoder sees canonical crops as the edge makes them; its decoder sees
     those crops' dequantised latents, from the fp32 encoder, at every quality in turn."""
     from facelink.config import CanonicalCrop
-    from facelink.edge.pipeline import select_faces
-    from facelink.runtime.alignment import canonical_template, warp_face
-    from facelink.runtime.detection import create_detector
+    from facelink.runtime.alignment import canonical_template
 
     crop = CanonicalCrop()
-    template = canonical_template(crop.size, crop.scale)
-    detector = create_detector()
+    crops, origin = _aligned(canonical_template(crop.size, crop.scale), images, count, data)
     codec = source.codec()
-    inputs = []
-    for path in images:
-        image = _read_rgb(path)
-        faces = select_faces(detector.detect(image), "central", image.shape) if image is not None else []
-        if faces:
-            inputs.append(codec.encoder_input(warp_face(image, faces[0].landmarks, template)[0])[0])
-        if len(inputs) == count:
-            break
-    if not inputs:
-        raise ValueError(f"no face found in the calibration pictures ({data})")
+    inputs = [codec.encoder_input(c)[0] for c in crops]
     x = np.stack(inputs)
-    origin = f"{len(inputs)} canonical {crop.size}x{crop.size} crops from {_describe(data)}"
+    origin = f"{origin}, canonical {crop.size}x{crop.size} crops"
     if source.codec_part == "encoder":
         return Samples({name: x}, origin, real=True)
     encoder = codec.encoder_backend

@@ -6,7 +6,9 @@ name several (a learned codec's manifest has `encoder` and `decoder`, each an ob
 `file` and `sha256`): `codec-default:encoder` picks one. Both are handled as plain JSON, so a
 new kind of manifest plugs in with no change here as long as its ONNX files sit in
 `{"file": ..., "sha256": ...}` objects resolved by the runtime's rules (`${shared}/`,
-`${cache}/`, or relative to the manifest).
+`${cache}/`, or relative to the manifest). Objects in a list are components too, named by
+their `gallery_model` (an ensemble's transforms: `ensemble-facelink-query-v1:mobilefacenet@ms1m-1`)
+or `<key>.<index>`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from facelink.runtime.asymmetric import bundled_ensembles
 from facelink.runtime.codecs.learned import CODEC_PREFIX, codec_manifests
 from facelink.runtime.manifest import (
     ManifestError,
@@ -24,6 +27,9 @@ from facelink.runtime.manifest import (
     file_sha256,
     load_manifest,
 )
+
+
+ENSEMBLE_PREFIX = "ensemble-"
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,13 @@ class ModelSource:
         return self.manifest.task if self.manifest is not None else None
 
     @property
+    def gallery_model(self) -> str | None:
+        """The gallery model's id when this is an ensemble's embedding transform."""
+        if not self.component:
+            return None
+        return onnx_components(self.data)[self.component].get("gallery_model")
+
+    @property
     def codec_part(self) -> str | None:
         """'encoder' or 'decoder' when this is one half of a learned codec bundle."""
         is_codec = self.component in ("encoder", "decoder") and "stride" in self.data and "tables" in self.data
@@ -64,8 +77,13 @@ def _manifest_path(name_or_path: str) -> Path:
         if not path.is_file():
             raise ManifestError(f"manifest {path} does not exist")
         return path.resolve()
-    # Model manifests by name, and learned codec bundles by file stem (codec-default).
-    bundled = bundled_manifests() | {f"{CODEC_PREFIX}{name}": path for name, path in codec_manifests().items()}
+    # Model manifests by name, learned codec bundles by file stem (codec-default), ensembles
+    # of transforms by their query model's name with a prefix (ensemble-facelink-query-v1).
+    bundled = (
+        bundled_manifests()
+        | {f"{CODEC_PREFIX}{name}": path for name, path in codec_manifests().items()}
+        | {f"{ENSEMBLE_PREFIX}{name}": path for name, path in bundled_ensembles().items()}
+    )
     if name_or_path not in bundled:
         raise ManifestError(
             f"no manifest named {name_or_path!r}; bundled: {', '.join(sorted(bundled))}, "
@@ -74,12 +92,20 @@ def _manifest_path(name_or_path: str) -> Path:
     return bundled[name_or_path]
 
 
-def _onnx_components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        key: value
-        for key, value in data.items()
-        if isinstance(value, dict) and str(value.get("file", "")).endswith(".onnx")
-    }
+def onnx_components(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Component name -> the JSON object (inside `data`) naming one ONNX file."""
+    def is_onnx(value: Any) -> bool:
+        return isinstance(value, dict) and str(value.get("file", "")).endswith(".onnx")
+
+    found = {}
+    for key, value in data.items():
+        if is_onnx(value):
+            found[key] = value
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if is_onnx(item):
+                    found[str(item.get("gallery_model") or f"{key}.{index}")] = item
+    return found
 
 
 def resolve_source(model: str) -> ModelSource:
@@ -90,7 +116,7 @@ def resolve_source(model: str) -> ModelSource:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ManifestError(f"manifest {path} is not valid JSON: {error}") from error
-    components = _onnx_components(data)
+    components = onnx_components(data)
     if not component and "file" not in data and components:
         raise ManifestError(
             f"{name_or_path} is a bundle of several ONNX files: export one of them as "
