@@ -289,3 +289,15 @@ def test_teacher_matches_onnx_runtime() -> None:
     expected_augmented = np.stack([deployed.embed(c, p) for c, p in zip(crops, points)])
     assert (plain * expected_plain).sum(axis=1).min() >= 0.9999
     assert (augmented * expected_augmented).sum(axis=1).min() >= 0.9999
+
+
+def test_the_recorded_training_command_restarts_the_same_run() -> None:
+    from facelink.export.codec.train import TrainConfig, train_command
+
+    config = TrainConfig(identity_weights=(1.0, 2.0, 3.0, 4.0, 5.0), init_from="runs/a/checkpoint.pt", seed=3)
+    command = train_command(config, "~/runs/b")
+    assert command == (
+        "python -m facelink.export.codec.train --run-dir ~/runs/b --seed 3 "
+        "--identity-weights 1.0,2.0,3.0,4.0,5.0 --init-from runs/a/checkpoint.pt"
+    )
+    assert train_command(TrainConfig()) == "python -m facelink.export.codec.train --run-dir RUN"

@@ -29,7 +29,7 @@ import torch
 
 from .model import FaceCodecModel, create_codec_model
 from .speed import DecoderGraph, EncoderGraph, exportable
-from .train import TrainConfig
+from .train import TrainConfig, train_command
 
 CDF_PRECISION = 16
 
@@ -105,7 +105,7 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str) -> Path:
     progress = state["progress"]
     manifest = {
         "name": name,
-        "version": f"step{progress['step']}",
+        "version": f"{checkpoint.parent.name}-step{progress['step']}",
         **{key: {"file": path.name, "sha256": _sha256(path)} for key, path in files.items()},
         "stride": 16,
         "qualities": model.arch.qualities,
@@ -113,7 +113,8 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str) -> Path:
         "license": "Apache-2.0 (facelink's own weights)",
         "description": "Identity-preserving learned face codec: factorized prior, gain units, MobileFaceNet identity loss.",
         "training": {
-            "command": "python -m facelink.export.codec.train --run-dir RUN (then: " + command + ")",
+            "command": f"{train_command(TrainConfig.from_dict(state['config']), '~/.cache/facelink/runs/' + checkpoint.parent.name)} "
+            f"(then: {command})",
             "architecture": model.arch.to_dict(),
             "config": state["config"],
             "progress": progress,

@@ -440,6 +440,21 @@ def _loop(
     return progress
 
 
+def train_command(config: TrainConfig, run_dir: str = "RUN") -> str:
+    """The command line that starts a run with `config` (the settings that differ from the defaults)."""
+    flags = {
+        "model": "--model", "batch_size": "--batch-size", "seed": "--seed", "lambdas": "--lambdas",
+        "identity_weights": "--identity-weights", "init_from": "--init-from", "lr": "--lr", "epochs": "--epochs",
+    }
+    default = TrainConfig()
+    parts = ["python", "-m", "facelink.export.codec.train", "--run-dir", run_dir]
+    for field_name, flag in flags.items():
+        value = getattr(config, field_name)
+        if value != getattr(default, field_name):
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join(parts)  # not shlex.join: a quoted ~ would not expand where the command is pasted
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(","))
 
