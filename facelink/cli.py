@@ -47,6 +47,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .config import EdgeConfig
+
     p = sub.add_parser(
         "demo",
         help="end-to-end demo on LFW: server and edge on loopback, summary table",
@@ -72,8 +74,11 @@ examples:
     p.add_argument("--probes", type=int, default=3, help="probe pictures per enrolled person (default 3)")
     p.add_argument("--distractors", type=int, default=300, help="never-enrolled people streamed (default 300)")
     p.add_argument("--seed", type=int, default=0, help="which people take part (default 0)")
-    p.add_argument("--codec", default="jpeg", help="payload codec: jpeg, webp, png (default jpeg)")
-    p.add_argument("--quality", type=int, default=90, help="codec quality 1-100 (default 90)")
+    defaults = EdgeConfig()
+    p.add_argument("--codec", default=defaults.codec,
+                   help=f"payload codec: jpeg, webp, png, learned (default {defaults.codec})")
+    p.add_argument("--quality", type=int, default=defaults.quality,
+                   help="codec quality: 1-100 for jpeg/webp, 1-5 for learned (default: the codec's own)")
     p.add_argument("--recognizer", default="auto", help="manifest name or path (default: auto)")
     p.add_argument("--threshold", type=float, help="match threshold (default: the recogniser manifest's)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
@@ -343,7 +348,8 @@ examples:
     p.add_argument("--codec", default=defaults.codec,
                    help=f"face payload codec: jpeg, webp, png, learned (default {defaults.codec})")
     p.add_argument("--quality", type=int, default=defaults.quality,
-                   help=f"codec quality: 1-100 for jpeg/webp, 1-5 for learned (default {defaults.quality})")
+                   help="codec quality: 1-100 for jpeg/webp, 1-5 for learned (default: the codec's own, "
+                        "90 for jpeg/webp, the bundle's for learned)")
     p.add_argument("--query-model", default=defaults.query_model,
                    help=f"embedding payload model, manifest name or path (default {defaults.query_model})")
     p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")

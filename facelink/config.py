@@ -96,7 +96,9 @@ class EdgeConfig(_Config):
         "matched against the gallery through the query model's ensemble)",
     )
     codec: str = Field("jpeg", description="payload codec id (see `facelink edge --help`)")
-    quality: int = Field(90, ge=1, le=100, description="codec quality")
+    quality: int | None = Field(
+        None, ge=1, le=100, description="codec quality; None: the codec's default (90 for jpeg/webp, the bundle's for learned)"
+    )
     query_model: str = Field(
         "facelink-query-v1", description="the query model (manifest name or path) of `embedding` payloads"
     )

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from facelink.benchmarks import reporting
 from facelink.config import CloudConfig, EdgeConfig, StreamConfig
 from facelink.datasets import LFW
+from facelink.runtime.codecs import default_quality
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class DemoOptions:
     probes_per_identity: int = 3
     distractors: int = 300
     seed: int = 0
-    codec: str = "jpeg"
-    quality: int = 90
+    codec: str = EdgeConfig().codec
+    quality: int | None = None  # the codec's default
     recognizer: str = "auto"
     threshold: float | None = None
     json_path: Path | None = None
@@ -152,7 +153,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     model_id = next((o[0].model_id for o in outcomes.values() if o[0].model_id), options.recognizer)
     return DemoSummary(
         recognizer=model_id,
-        codec=f"{options.codec} q{options.quality}",
+        codec=f"{options.codec} q{options.quality or default_quality(options.codec)}",
         threshold=float(threshold),
         enrolled_identities=len(gallery) - len(failures),
         enrollment_failures=len(failures),

@@ -6,6 +6,7 @@ tests live with its weights.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,19 @@ def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols() -> N
     symbols = codec._coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
     np.testing.assert_array_equal(symbols, golden["symbols"])
     assert codec.decode(golden["stream"].tobytes()).shape == (128, 128, 3)
+
+
+def test_a_bundle_names_its_default_quality(bundle: Path, tmp_path: Path) -> None:
+    from facelink.runtime.codecs import create_codec, default_quality
+    from facelink.runtime.manifest import ManifestError
+
+    data = json.loads(bundle.read_text())
+    assert create_codec(f"learned:{bundle}").quality == 1  # no default_quality: the middle of 1..2
+    for value, expected in ((2, 2), (3, None)):
+        path = bundle.parent / f"codec-q{value}.json"
+        path.write_text(json.dumps({**data, "default_quality": value}))
+        if expected is None:
+            with pytest.raises(ManifestError, match="default_quality 3 is not one of the qualities 1..2"):
+                create_codec(f"learned:{path}")
+        else:
+            assert create_codec(f"learned:{path}").quality == default_quality(f"learned:{path}") == expected

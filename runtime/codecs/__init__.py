@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from .base import CodecError, FaceCodec, UnknownCodecError
 from .standard import JpegCodec, PngCodec, WebpCodec, decode_image
 
-__all__ = ["CodecError", "CodecInfo", "FaceCodec", "UnknownCodecError", "available_codecs", "create_codec", "decode_image"]
+__all__ = [
+    "CodecError", "CodecInfo", "FaceCodec", "UnknownCodecError", "available_codecs", "create_codec", "decode_image",
+    "default_quality",
+]
 
 LEARNED_ALIAS = "learned"
 
@@ -51,7 +54,7 @@ def _learned() -> dict[str, CodecInfo]:
             LearnedFaceCodec.versions,
             f"facelink learned face codec {name!r} (qualities 1-{manifest.qualities})",
             lambda quality, m=manifest, p=path: LearnedFaceCodec(m, p.parent, quality),
-            (manifest.qualities + 1) // 2,
+            manifest.preferred_quality,
         )
     return infos
 
@@ -71,13 +74,26 @@ def resolve_codec_id(codec_id: str) -> str:
     return codec_id
 
 
+def default_quality(codec_id: str) -> int:
+    """The quality `create_codec(codec_id)` uses when none is given."""
+    name = codec_id.partition(":")[2] if codec_id.startswith(LEARNED_ALIAS + ":") else ""
+    if name.endswith(".json"):
+        from .learned import load_codec_manifest
+
+        return load_codec_manifest(name)[0].preferred_quality
+    info = available_codecs().get(resolve_codec_id(codec_id))
+    if info is None:
+        raise UnknownCodecError(f"unknown codec {codec_id!r}; available: {', '.join(sorted(available_codecs()))}")
+    return info.default_quality
+
+
 def create_codec(codec_id: str, quality: int | None = None) -> FaceCodec:
     name = codec_id.partition(":")[2] if codec_id.startswith(LEARNED_ALIAS + ":") else ""
     if name.endswith(".json"):  # a bundle outside the package, e.g. `facelink export`'s int8 encoder
         from .learned import LearnedFaceCodec, load_codec_manifest
 
         manifest, path = load_codec_manifest(name)
-        return LearnedFaceCodec(manifest, path.parent, (manifest.qualities + 1) // 2 if quality is None else quality)
+        return LearnedFaceCodec(manifest, path.parent, manifest.preferred_quality if quality is None else quality)
     codecs = available_codecs()
     info = codecs.get(resolve_codec_id(codec_id))
     if info is None:

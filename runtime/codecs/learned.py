@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from facelink.config import BackendConfig
 
@@ -57,10 +57,24 @@ class CodecManifest(_Strict):
     tables: BundleFile
     stride: int = Field(16, gt=0, description="total downsampling: pictures are padded to a multiple of it")
     qualities: int = Field(gt=0)
+    default_quality: int | None = Field(
+        None, gt=0, description="the quality used unless one is asked for: set to the lowest that keeps "
+        "recognition at parity (`facelink bench rate-accuracy`); None: the middle one"
+    )
     latent_channels: int = Field(gt=0)
     license: str | None = None
     description: str | None = None
     training: dict[str, object] = Field(default_factory=dict, description="how the weights were made")
+
+    @model_validator(mode="after")
+    def _default_quality_exists(self) -> CodecManifest:
+        if self.default_quality is not None and self.default_quality > self.qualities:
+            raise ValueError(f"default_quality {self.default_quality} is not one of the qualities 1..{self.qualities}")
+        return self
+
+    @property
+    def preferred_quality(self) -> int:
+        return self.default_quality or (self.qualities + 1) // 2
 
     @property
     def tag(self) -> bytes:
