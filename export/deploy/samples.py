@@ -14,7 +14,9 @@ by the runtime's detector (`create_detector()`, the face nearest the centre), wa
 manifest's template by `warp_face`, plus their mirror images when the manifest averages flipped
 embeddings, normalised by `OnnxRecognizer.preprocess`. A detector's inputs are whole pictures
 letterboxed into the frame size, normalised as its manifest's `input` says, or, without one,
-as OpenCV's FaceDetectorYN feeds YuNet (BGR, 0-255, no scaling).
+as OpenCV's FaceDetectorYN feeds YuNet (BGR, 0-255, no scaling). A learned codec's encoder
+sees canonical crops as the edge makes them, its decoder their dequantised latents; an
+ensemble's transform sees its gallery model's embeddings of faces.
 Calibration takes pictures from the front of the shuffled list, parity from the back, so the
 two never share a picture (unless a folder is too small for both).
 """
