@@ -14,7 +14,7 @@ from facelink.v1 import recognition_pb2
 
 from .client import Pending, StreamClient, StreamStats
 from .pipeline import EdgePipeline
-from .sources import Frame, FrameSource
+from .sources import FrameSource
 
 log = logging.getLogger(__name__)
 

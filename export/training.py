@@ -1,10 +1,43 @@
-"""What every training loop in export/ shares: a clean stop on a signal, and the JSONL logs."""
+"""What every training loop in export/ shares: its config on disk, a clean stop on a signal,
+and the JSONL logs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
+import typing
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """A run's config dataclass from its config.json. An unknown key is an error (a typo must not
+    silently train something else); JSON lists become tuples, nested dataclasses are rebuilt."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key)):
+            value = config_from_dict(hints[key], value)
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def open_run(run_dir: Path, config: Any) -> Path:
+    """Start (or resume) a run: torch's thread count, the folder, the config as JSON; returns
+    where its checkpoint lives."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    return run_dir / "checkpoint.pt"
 
 
 def append_jsonl(path: Path, row: dict) -> None:

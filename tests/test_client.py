@@ -6,8 +6,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 from facelink.config import EdgeConfig, StreamConfig
 from facelink.edge.client import StreamClient
 from facelink.edge.pipeline import EdgePipeline

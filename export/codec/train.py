@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..training import StopRequest, append_jsonl
+from ..training import StopRequest, append_jsonl, config_from_dict, open_run
 from .batches import Batch, BatchSampler, split_by_identity
 from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
@@ -78,11 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(cls, data)
 
 
 #: Settings that may change when a run is resumed; the rest define the run.
@@ -283,10 +279,7 @@ def run(
     """Train (or resume) the run in `run_dir` until `config.epochs` or `max_minutes`; returns where
     it stopped. `cache` and `teacher` default to the real ones (tests pass small stand-ins)."""
     started = time.perf_counter()
-    torch.set_num_threads(config.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.pt"
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    checkpoint = open_run(run_dir, config)
 
     cache = cache or build_cache(training_sources())
     train_indices, val_indices = split_by_identity(cache, config.val_identities, config.seed)

@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
 from facelink.runtime.manifest import load_manifest
 
-from ..training import StopRequest, append_jsonl
+from ..training import StopRequest, append_jsonl, config_from_dict, open_run
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
 from .export import write_manifest
@@ -84,14 +84,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        values = dict(data)
-        if isinstance(values.get("augment"), dict):
-            values["augment"] = Augment(**values["augment"])
-        return cls(**values)
+        return config_from_dict(cls, data)
 
 
 #: Settings that may change when a run is resumed; the rest define the run.
@@ -274,10 +267,7 @@ def run(run_dir: Path, config: TrainConfig, *, max_minutes: float | None = None,
     """Train (or resume) the run in `run_dir` until `config.epochs` or `max_minutes`; returns where
     it stopped. `cache` and `teacher` default to the real ones (tests pass small stand-ins)."""
     started = time.perf_counter()
-    torch.set_num_threads(config.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = run_dir / "checkpoint.pt"
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    checkpoint = open_run(run_dir, config)
 
     cache = cache or build_cache(training_sources())
     train_indices, val_indices = split_by_identity(cache, config.val_identities, config.seed)
