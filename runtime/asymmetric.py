@@ -24,7 +24,6 @@ new query model never requires re-reading a gallery image. numpy + ONNX Runtime 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -32,12 +31,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facelink.config import BackendConfig
 
 from .backends import create_backend
-from .manifest import ManifestError, file_sha256
+from .manifest import ManifestError, file_sha256, load_named_json
 
 ENSEMBLE_MANIFEST_VERSION = 1
 #: Ensemble manifests live in this subfolder of the bundled manifests, apart from the model
@@ -96,16 +95,7 @@ def bundled_ensembles() -> dict[str, Path]:
 
 def load_ensemble_manifest(name_or_path: str | Path) -> tuple[EnsembleManifest, Path]:
     """An ensemble manifest by bundled name (the query model's) or path; returns it and its path."""
-    path = Path(name_or_path)
-    if path.suffix != ".json":
-        bundled = bundled_ensembles()
-        if str(name_or_path) not in bundled:
-            raise ManifestError(f"no ensemble named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
-        path = bundled[str(name_or_path)]
-    try:
-        return EnsembleManifest.model_validate(json.loads(path.read_text())), path
-    except (OSError, json.JSONDecodeError, ValidationError) as error:
-        raise ManifestError(f"ensemble manifest {path} is invalid: {error}") from error
+    return load_named_json(EnsembleManifest, name_or_path, bundled_ensembles(), "ensemble")
 
 
 # -- the arithmetic (pure numpy) --------------------------------------------------------------------

@@ -21,7 +21,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -148,6 +148,23 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 def file_sha256(path: Path) -> str:
     stat = path.stat()
     return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_named_json(model: type[M], name_or_path: str | Path, bundled: dict[str, Path], what: str) -> tuple[M, Path]:
+    """A JSON manifest of kind `model`, by bundled name or by path to a .json file; returns it and
+    its path. Anything wrong (no such name, unreadable, invalid) is a ManifestError naming it."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        if str(name_or_path) not in bundled:
+            raise ManifestError(f"no {what} named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
+        path = bundled[str(name_or_path)]
+    try:
+        return model.model_validate(json.loads(path.read_text())), path
+    except (OSError, json.JSONDecodeError, ValidationError) as error:
+        raise ManifestError(f"{what} manifest {path} is invalid: {error}") from error
 
 
 def bundled_manifests() -> dict[str, Path]:

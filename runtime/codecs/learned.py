@@ -16,7 +16,6 @@ were made for (any export of the matching encoder, fp32, fp16 or int8, makes suc
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import threading
 from functools import cached_property
@@ -24,12 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facelink.config import BackendConfig
 
 from ..backends import create_backend
-from ..manifest import ManifestError, file_sha256
+from ..manifest import ManifestError, file_sha256, load_named_json
 from . import bitstream
 from .base import CodecError
 from .entropy import ChannelTables, FactorizedEntropyCoder
@@ -103,16 +102,7 @@ def codec_manifests() -> dict[str, Path]:
 
 
 def load_codec_manifest(name_or_path: str | Path) -> tuple[CodecManifest, Path]:
-    path = Path(name_or_path)
-    if path.suffix != ".json":
-        bundled = codec_manifests()
-        if str(name_or_path) not in bundled:
-            raise ManifestError(f"no learned codec named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
-        path = bundled[str(name_or_path)]
-    try:
-        return CodecManifest.model_validate(json.loads(path.read_text())), path
-    except (OSError, json.JSONDecodeError, ValidationError) as error:
-        raise ManifestError(f"codec manifest {path} is invalid: {error}") from error
+    return load_named_json(CodecManifest, name_or_path, codec_manifests(), "learned codec")
 
 
 class LearnedFaceCodec:
