@@ -103,7 +103,7 @@ class EdgePipeline:
         vector = self.query.embed_aligned(aligned[None])[0]
         data, scale = pack_embedding(vector, self.config.embedding_dtype)
         return common_pb2.Embedding(
-            model_id=self.query.model_id,
+            model_id=self.query.embedding_space,  # an int8 export of the query model speaks for its source
             dtype=common_pb2.DType.Value(f"DTYPE_{self.config.embedding_dtype.upper()}"),
             dim=int(vector.size),
             scale=scale,

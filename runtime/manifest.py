@@ -72,6 +72,12 @@ class EmbeddingSpec(_Strict):
     normalize: bool = True
     flip_augmentation: bool = Field(False, description="average with the embedding of the mirrored face")
     match_threshold: float = Field(ge=-1.0, le=1.0, description="cosine at which two faces are one person")
+    space: str | None = Field(
+        None,
+        description="the model id whose embedding space this model computes, when it is not its own: an "
+        "fp16/int8 export of a query model keeps its source's space, so the cloud matches what a board "
+        "running it sends against the source's gallery",
+    )
 
 
 class ModelManifest(_Strict):

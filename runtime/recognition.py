@@ -33,6 +33,11 @@ class Recognizer(Protocol):
     @property
     def match_threshold(self) -> float: ...
 
+    @property
+    def embedding_space(self) -> str:
+        """The model id of the space its embeddings live in: its own, or its source's for an export."""
+        ...
+
     def align(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """The crop this model sees: `image` warped to the model's template."""
         ...
@@ -67,6 +72,11 @@ class _RecognizerBase:
     def match_threshold(self) -> float:
         assert self.manifest.embedding is not None
         return self.manifest.embedding.match_threshold
+
+    @property
+    def embedding_space(self) -> str:
+        assert self.manifest.embedding is not None
+        return self.manifest.embedding.space or self.model_id
 
     def align(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         return warp_face(image, landmarks, self.manifest.template)[0]

@@ -111,7 +111,9 @@ def test_int8_export_from_8_calibration_crops_is_qdq_and_close(mobilefacenet, tm
     assert record["source"]["sha256"] == mobilefacenet.sha256
     manifest = json.loads(exported.manifest_path.read_text())
     assert manifest["version"] == "ms1m-1-int8" and "Precision: int8 QDQ" in manifest["description"]
-    assert create_recognizer(exported.manifest_path).model_id == "mobilefacenet@ms1m-1-int8"
+    recognizer = create_recognizer(exported.manifest_path)
+    assert recognizer.model_id == "mobilefacenet@ms1m-1-int8"  # its own id: galleries never mix precisions
+    assert recognizer.embedding_space == "mobilefacenet@ms1m-1"  # what an edge embedding payload names
 
 
 @needs_shared

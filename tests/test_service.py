@@ -144,6 +144,24 @@ def test_embedding_payloads(enrolled_server, channel_to, engine_parts) -> None:
     stream.close()
 
 
+def test_an_int8_query_model_on_the_board_is_matched_in_its_sources_space(
+    enrolled_server, channel_to, engine_parts, tmp_path
+) -> None:
+    from facelink.export.deploy.pipeline import ExportOptions, export_onnx
+    from facelink.export.deploy.source import resolve_source
+    from facelink.runtime.recognition import create_recognizer
+
+    options = ExportOptions(precision="int8", calib_count=8, parity_count=4)
+    board_model = create_recognizer(export_onnx(resolve_source("mobilefacenet"), options, tmp_path).manifest_path)
+    edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1], query=board_model)
+    observation = observe(edge, "Serena_Williams", 2)
+    assert observation.embedding.model_id == "mobilefacenet@ms1m-1"
+    stream = Stream(channel_to(enrolled_server.address))
+    result = stream.send(observation)
+    assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == "Serena_Williams"
+    stream.close()
+
+
 def test_the_bundled_query_model_on_the_edge(engine_parts) -> None:
     edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1])
     embedding = observe(edge, "Tony_Blair", 1).embedding

@@ -351,6 +351,9 @@ def derived_manifest(
         data["file"], data["sha256"] = file_name, sha256
     if tag and (source.component is None or "version" in data):  # a bundle without one (an ensemble) keeps none
         data["version"] = f"{data.get('version', '1')}-{tag}"
+        if source.manifest is not None and isinstance(data.get("embedding"), dict):
+            # Its own id keeps galleries and caches apart; its embeddings stay in the source's space.
+            data["embedding"]["space"] = source.manifest.embedding.space or source.manifest.model_id
     origin = f"{source.label} (sha256 {source.sha256[:12]}...)"
     data["description"] = (
         f"{data.get('description') or ''} Precision: {note}; exported from {origin}.".strip()
