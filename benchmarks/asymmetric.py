@@ -665,17 +665,24 @@ class Row:
 
 def build_rows(models: Models, embedded: dict[str, Embedded]) -> tuple[list[Row], Any]:
     """Every row's query- and gallery-side embeddings, and the transformed gallery (for uncertainty)."""
+    from facelink.runtime.asymmetric import own_key
+
     q_id = models.query.model_id
     q = embedded[q_id].embeddings
-    transformed = models.ensemble.transform({m: embedded[m].embeddings for m in models.galleries})
+    stored = {m: embedded[m].embeddings for m in models.galleries}
+    own = own_key(q_id)
+    if own in models.ensemble.member_models:  # the query model is a member: its own view of each picture
+        stored[own] = q
+    transformed = models.ensemble.transform(stored)
     rows = [Row("query symmetric", "symmetric", q_id, q_id, q, q)]
     for m in models.galleries:
         rows.append(Row(f"{m} symmetric", "symmetric", m, m, embedded[m].embeddings, embedded[m].embeddings))
     for k, m in enumerate(transformed.models):
-        rows.append(Row(f"query vs T({m})", "asymmetric", q_id, f"T({m})", q, transformed.members[:, k]))
+        if m != own:  # the identity member's row is "query symmetric"
+            rows.append(Row(f"query vs T({m})", "asymmetric", q_id, f"T({m})", q, transformed.members[:, k]))
     if len(transformed.models) > 1:
-        rows.append(Row("query vs ensemble", "ensemble", q_id, "mean of " + " + ".join(f"T({m})" for m in transformed.models),
-                        q, transformed.vectors))
+        parts = [f"T({m})" if m != own else f"{q_id} itself" for m in transformed.models]
+        rows.append(Row("query vs ensemble", "ensemble", q_id, "mean of " + " + ".join(parts), q, transformed.vectors))
     rows.append(Row(f"distillation baseline: query vs {models.teacher} (no transform)", "distillation", q_id,
                     f"{models.teacher} (raw)", q, embedded[models.teacher].embeddings))
     return rows, transformed
@@ -728,7 +735,7 @@ def rejection(row: Row, evalset: EvalSet, uncertainty: np.ndarray, fractions: np
     random_reduction = relative_reduction(control["risk_mean"][0], control["risk_mean"][at])
     out = {
         "row": row.label,
-        "ranking": "ensemble uncertainty: 1 - mean pairwise cosine of the transformed gallery embeddings",
+        "ranking": "ensemble uncertainty: 1 - mean pairwise cosine of the ensemble's member embeddings",
         "dir_threshold": threshold,
         "fractions": [float(f) for f in fractions],
         "uncertainty": ranked,

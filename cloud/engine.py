@@ -29,10 +29,11 @@ from facelink.runtime.asymmetric import (
     RejectionPolicy,
     bundled_ensembles,
     load_ensemble_manifest,
+    own_key,
 )
 from facelink.runtime.detection import FaceDetector, create_detector, largest
 from facelink.runtime.manifest import ManifestError, ModelManifest, load_manifest
-from facelink.runtime.recognition import Recognizer, create_recognizer
+from facelink.runtime.recognition import OnnxRecognizer, Recognizer, create_recognizer
 
 from .errors import InvalidArgument
 from .gallery import Gallery, QueryModel
@@ -95,10 +96,15 @@ class RecognitionEngine:
             for model_id, r in self.recognizers.items()
         }
         self.query_models: dict[str, QueryModel] = {}
+        # Query models that are members of their own ensemble: run at enrollment and stored
+        # under `own_key`, never served as recognisers.
+        self.members: dict[str, Recognizer] = {}
         for manifest, path in self._ensembles():
             query_model, accepted = self._query_model(manifest, path)
             self.query_models[accepted.model_id] = query_model
             self.models[accepted.model_id] = accepted
+            if manifest.query_member:
+                self.members[own_key(manifest.query_model)] = OnnxRecognizer(_query_manifest(manifest, path), config.backend)
         # Registering a query model derives its templates from the stored embeddings alone
         # (backfill-free). Done at every start - seconds for 100k pictures - so the derived
         # gallery always matches the transforms and rejection settings this server runs with,
@@ -169,7 +175,7 @@ class RecognitionEngine:
 
     def _policy(self, manifest: EnsembleManifest) -> RejectionPolicy:
         fraction, action = self.config.rejection_fraction, self.config.rejection_action
-        if fraction == 0 or len(manifest.transforms) < 2:  # nothing to reject, or no disagreement to measure
+        if fraction == 0 or manifest.members < 2:  # nothing to reject, or no disagreement to measure
             return RejectionPolicy(0.0, action)
         try:
             # The threshold calibrated on the transforms' training faces: each picture is judged
@@ -227,12 +233,13 @@ class RecognitionEngine:
         embeddings and derives each query model's template from them. Returns (pictures added,
         pictures the identity holds, the face box found in each picture or None).
         """
-        embeddings: dict[str, list[np.ndarray]] = {model_id: [] for model_id in self.recognizers}
+        stored = {**self.recognizers, **self.members}
+        embeddings: dict[str, list[np.ndarray]] = {key: [] for key in stored}
         boxes = []
         for index, face in enumerate(faces):
             landmarks, box = self.locate_face(face.image, face.landmarks, f"image {index}")
-            for model_id, recognizer in self.recognizers.items():
-                embeddings[model_id].append(recognizer.embed(face.image, landmarks))
+            for key, recognizer in stored.items():
+                embeddings[key].append(recognizer.embed(face.image, landmarks))
             boxes.append(box)
         added, total = self.gallery.enroll_pictures(
             identity,

@@ -18,8 +18,15 @@ transform trained for other weights would silently map into the wrong place), pl
 uncertainty quantiles of its training faces, which turn "reject the most uncertain x%" into a
 per-image threshold at enrollment time, when the rest of the gallery is not at hand.
 
+With `query_member`, the query model is one of the gallery models too, through the identity
+transform: where the cloud ran it at enrollment (it does for the ensembles it serves), its own
+embedding of the picture joins the mean and the disagreement. It is the member whose view
+decides whether a query will match, so its disagreement with the large models is the most
+telling sign of a picture that will cause errors.
+
 Transforms are trained by `facelink.export.query.transforms` from stored embeddings only, so a
-new query model never requires re-reading a gallery image. numpy + ONNX Runtime only.
+new query model never requires re-reading a gallery image (pictures enrolled before it was
+served are derived from the large models' members alone). numpy + ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ class EnsembleManifest(_Strict):
     query_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     query_manifest: str | None = Field(None, description="bundled name or path (relative to this file) of its manifest")
     transforms: list[TransformSpec] = Field(min_length=1)
+    query_member: bool = Field(
+        False, description="the query model's own embedding of a gallery picture is a member too (identity transform)"
+    )
     uncertainty_quantiles: dict[str, float] = Field(
         default_factory=dict, description="fraction of training faces above -> uncertainty threshold, e.g. {'0.1': 0.21}")
     training: dict[str, object] = Field(default_factory=dict, description="how the transforms were made")
@@ -84,6 +94,17 @@ class EnsembleManifest(_Strict):
     @property
     def dim(self) -> int:
         return self.transforms[0].output_dim
+
+    @property
+    def members(self) -> int:
+        """How many embeddings of a picture the ensemble averages when all are stored."""
+        return len(self.transforms) + int(self.query_member)
+
+
+def own_key(query_model: str) -> str:
+    """The key under which a gallery stores a query model's own embeddings of its pictures (a
+    member of the ensemble), apart from the query model's id, which names its derived templates."""
+    return f"{query_model}+own"
 
 
 def bundled_ensembles() -> dict[str, Path]:
@@ -229,23 +250,35 @@ class GalleryEnsemble:
 
     @property
     def gallery_models(self) -> tuple[str, ...]:
+        """The large models mapped by a transform (the ensemble needs them stored)."""
         return tuple(self.transforms)
 
-    def transform(self, embeddings: Mapping[str, np.ndarray]) -> TransformedGallery:
-        """Stored gallery embeddings {gallery model id: (N, d_model)} -> the gallery in the query space.
+    @property
+    def member_models(self) -> tuple[str, ...]:
+        """The keys of every stored embedding that joins the ensemble: the gallery models' ids,
+        then `own_key(query model)` when the query model is a member."""
+        return self.gallery_models + ((own_key(self.query_model),) if self.manifest.query_member else ())
 
-        Any non-empty subset of the ensemble's gallery models may be given (uncertainty needs two);
+    def _member(self, model: str, embeddings: np.ndarray) -> np.ndarray:
+        if model in self.transforms:
+            return self.transforms[model](embeddings)
+        return unit(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.manifest.dim))  # the identity
+
+    def transform(self, embeddings: Mapping[str, np.ndarray]) -> TransformedGallery:
+        """Stored gallery embeddings {member model id: (N, d_model)} -> the gallery in the query space.
+
+        Any non-empty subset of the ensemble's member models may be given (uncertainty needs two);
         every array must hold the same N images in the same order.
         """
-        unknown = set(embeddings) - set(self.transforms)
+        unknown = set(embeddings) - set(self.member_models)
         if unknown:
-            raise KeyError(f"no transform for {', '.join(sorted(unknown))}; this ensemble maps {', '.join(self.transforms)}")
-        models = tuple(m for m in self.transforms if m in embeddings)
+            raise KeyError(f"no transform for {', '.join(sorted(unknown))}; this ensemble maps {', '.join(self.member_models)}")
+        models = tuple(m for m in self.member_models if m in embeddings)
         if not models:
             raise ValueError("no gallery embeddings given")
         sizes = {len(np.atleast_2d(embeddings[m])) for m in models}
         if len(sizes) != 1:
             raise ValueError(f"gallery models hold different numbers of images: {sorted(sizes)}")
-        members = np.stack([self.transforms[m](embeddings[m]) for m in models], axis=1)
+        members = np.stack([self._member(m, embeddings[m]) for m in models], axis=1)
         uncertainty = disagreement(members) if len(models) > 1 else np.zeros(len(members), dtype=np.float32)
         return TransformedGallery(ensemble_mean(members), members, uncertainty, models)

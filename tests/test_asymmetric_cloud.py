@@ -286,3 +286,67 @@ def test_a_new_query_model_is_served_from_stored_embeddings_without_reading_a_pi
         result = stream.send(query_observation("second@1", m @ w + d))
         assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == name, result
     stream.close()
+
+
+@needs_shared
+def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
+    server_factory, channel_to, engine_parts, tmp_path: Path
+) -> None:
+    """The bundled query model as a member of its own ensemble (identity transform) beside the
+    bundled MobileFaceNet transform: its embedding of each enrolled picture is stored under
+    `own_key`, and the derived template's uncertainty is 1 - cos(T(m), q) of the picture."""
+    from facelink.edge.pipeline import EdgePipeline
+    from facelink.edge.sources import Frame
+    from facelink.config import EdgeConfig
+    from facelink.runtime.asymmetric import bundled_ensembles, own_key
+    from facelink.runtime.codecs import decode_image
+    from facelink.runtime.detection import largest
+    from facelink.runtime.recognition import create_recognizer
+    from facelink.v1 import gallery_pb2_grpc, recognition_pb2
+
+    bundled = json.loads(bundled_ensembles()["facelink-query-v1"].read_text())
+    folder = bundled_ensembles()["facelink-query-v1"].parent
+    (spec,) = [dict(t, file=str(folder / t["file"])) for t in bundled["transforms"] if t["gallery_model"] == MFN]
+    path = tmp_path / "member.json"
+    path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True,
+                                "query_manifest": str(folder.parent / "facelink-query-v1.json"),
+                                "uncertainty_quantiles": {"0.1": 2.0}}))
+    server = server_factory(ensembles=(str(path),))
+    assert list(server.engine.members) == [own_key("facelink-query@v1")]
+    gallery = gallery_pb2_grpc.GalleryStub(channel_to(server.address))
+    mfn, query = engine_parts[0], create_recognizer("facelink-query-v1")
+    transform = GalleryEnsemble.load(path).transforms[MFN]
+    for name in ENROLLED:
+        gallery.Enroll(enroll_request(name), timeout=60)
+        records = {r.model_id: r for r in server.engine.gallery.templates_of(name)}
+        assert own_key("facelink-query@v1") in records
+        image = decode_image(lfw_image(name, 1).read_bytes())
+        landmarks = largest(engine_parts[1].detect(image)).landmarks
+        expected = 1 - float(transform(mfn.embed(image, landmarks))[0] @ query.embed(image, landmarks))
+        assert records["facelink-query@v1"].uncertainty == pytest.approx(expected, abs=2e-3)
+
+    edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1], query=query)
+    stream = Stream(channel_to(server.address))
+    for name in ENROLLED:
+        frame = Frame(decode_image(lfw_image(name, 2).read_bytes()), 0, 0, name)
+        result = stream.send(edge.process(frame)[0].observation)
+        assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == name, result
+    stream.close()
+
+
+def test_the_query_members_own_embedding_is_a_member_where_it_is_stored(tmp_path: Path) -> None:
+    from facelink.runtime.asymmetric import own_key
+
+    path = write_ensemble(tmp_path / "e", "q", {"a@1": np.eye(DIM), "b@1": np.eye(DIM)}, threshold=0.3)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "query_member": True}))
+    query = load_query_model(path)
+    assert query.gallery_models == ("a@1", "b@1", own_key("q@1")) and query.ensemble.manifest.members == 3
+    stored = pictures([1.0], 0)
+    stored[own_key("q@1")] = bent(stored["a@1"][0], 0.7, 5)[None]
+    with Gallery(tmp_path / "g") as gallery:
+        gallery.enroll_pictures("alice", stored, [query])
+        gallery.enroll_pictures("bob", pictures([1.0], 1), [query])  # enrolled without the query model's own
+        (alice,) = [r for r in gallery.templates_of("alice") if r.model_id == "q@1"]
+        (bob,) = [r for r in gallery.templates_of("bob") if r.model_id == "q@1"]
+    assert alice.uncertainty == pytest.approx(1 - (1 + 0.7 + 0.7) / 3, abs=1e-5)  # pairwise cosines 1, 0.7, 0.7
+    assert bob.uncertainty == pytest.approx(0.0, abs=1e-5) and bob.status == "ok"

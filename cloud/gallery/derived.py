@@ -1,8 +1,9 @@
 """Query-model templates, derived from the gallery models' stored templates.
 
-A device running a small query model is matched against a gallery in that model's space. The
-gallery never runs the query model: each picture's gallery-model embeddings are mapped into the
-query space by the ensemble's transforms and averaged (`facelink.runtime.asymmetric`), and the
+A device running a small query model is matched against a gallery in that model's space. Each
+picture's gallery-model embeddings are mapped into the query space by the ensemble's transforms
+and averaged (`facelink.runtime.asymmetric`), with the query model's own embedding of the
+picture when the ensemble counts it as a member and it was stored at enrollment, and the
 rejection policy judges the picture by how much the transformed embeddings disagree. Because
 this reads embeddings only, a new query model is served by deriving from what is stored,
 without re-reading a single picture.
@@ -32,7 +33,8 @@ class QueryModel:
 
     @property
     def gallery_models(self) -> tuple[str, ...]:
-        return self.ensemble.gallery_models
+        """The stored embeddings its templates derive from (the ensemble's member models)."""
+        return self.ensemble.member_models
 
     def derive(self, embeddings: Mapping[str, np.ndarray], sources: Sequence[str | None]) -> Templates:
         """The query-model templates of n pictures from their gallery-model embeddings.

@@ -180,7 +180,13 @@ def verification(probe: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> 
     return {"tar_at_far": round(100 * tar_at_far(s, same, FAR_TARGET), 3), "eer": round(100 * eer(s, same), 3)}
 
 
-def evaluate(trained: TrainedTransforms, data: PairedEmbeddings) -> dict:
+def ensemble_members(trained: TrainedTransforms, data: PairedEmbeddings, query_member: bool) -> np.ndarray:
+    """(N, M, d): every transformed gallery embedding, then the query model's own when it is a member."""
+    members = list(trained.apply(data.galleries).values()) + ([unit(data.query)] if query_member else [])
+    return np.stack(members, axis=1)
+
+
+def evaluate(trained: TrainedTransforms, data: PairedEmbeddings, query_member: bool = False) -> dict:
     """Held-out figures: per transform and for the ensemble, plus both symmetric baselines."""
     q = unit(data.query)
     transformed = trained.apply(data.galleries)
@@ -189,18 +195,19 @@ def evaluate(trained: TrainedTransforms, data: PairedEmbeddings) -> dict:
         rows[f"{name} symmetric"] = verification(unit(g), unit(g), data.labels)
     for name, t in transformed.items():
         rows[f"query vs T({name})"] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
-    if len(transformed) > 1:
-        members = np.stack(list(transformed.values()), axis=1)
+    members = ensemble_members(trained, data, query_member)
+    if members.shape[1] > 1:
         mean = ensemble_mean(members)
         rows["query vs ensemble"] = {"cos": round(float(np.einsum("ij,ij->i", mean, q).mean()), 5), **verification(q, mean, data.labels)}
     return rows
 
 
-def uncertainty_quantiles(trained: TrainedTransforms, data: PairedEmbeddings) -> dict[str, float]:
+def uncertainty_quantiles(trained: TrainedTransforms, data: PairedEmbeddings, query_member: bool = False) -> dict[str, float]:
     """Uncertainty above which the `REJECTION_FRACTIONS` of `data`'s faces lie."""
-    if len(data.galleries) < 2:
+    members = ensemble_members(trained, data, query_member)
+    if members.shape[1] < 2:
         return {}
-    u = disagreement(np.stack(list(trained.apply(data.galleries).values()), axis=1))
+    u = disagreement(members)
     return {str(f): round(float(np.quantile(u, 1 - f)), 6) for f in REJECTION_FRACTIONS}
 
 
@@ -216,7 +223,7 @@ def export_transform(transform: EmbeddingTransform, path: Path) -> Path:
 
 
 def write_ensemble(trained: TrainedTransforms, out: Path, *, query_manifest: str, gallery_manifests: dict[str, str],
-                   quantiles: dict[str, float], training: dict) -> Path:
+                   quantiles: dict[str, float], training: dict, query_member: bool = False) -> Path:
     """The transforms as ONNX files beside `out`, and the ensemble manifest `out` naming them."""
     query = load_manifest(query_manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,10 +238,11 @@ def write_ensemble(trained: TrainedTransforms, out: Path, *, query_manifest: str
     reference = query.name if query_path.suffix != ".json" else _relative(query_path.resolve(), out.parent.resolve())
     manifest = EnsembleManifest(
         name=out.stem, query_model=query.model_id, query_sha256=query.sha256, query_manifest=reference,
-        transforms=specs, uncertainty_quantiles=quantiles, training=training,
+        transforms=specs, query_member=query_member, uncertainty_quantiles=quantiles, training=training,
         description=(f"Gallery -> {query.model_id} embedding transformations (residual linear + 2-layer MLP), trained "
                      "from stored embeddings by facelink.export.query.transforms; gallery vector = mean of the unit "
-                     "transformed embeddings; uncertainty = 1 - their mean pairwise cosine."),
+                     "transformed embeddings" + (" and the query model's own (identity transform)" if query_member else "")
+                     + "; uncertainty = 1 - their mean pairwise cosine."),
     )
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=DEFAULT_ROOT, help=f"embedding store (default {DEFAULT_ROOT})")
     parser.add_argument("--epochs", type=int, default=TransformConfig.epochs)
     parser.add_argument("--val-identities", type=int, default=32, help="held-out celeba-dev identities (the query model's split)")
+    parser.add_argument("--query-member", action="store_true",
+                        help="the query model's own embedding of a gallery picture joins the mean and the uncertainty")
     args = parser.parse_args(argv)
 
     from facelink.export.codec.data import build_cache, training_sources
@@ -275,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     embedded = time.perf_counter()
     trained = train_transforms(data.rows(train_rows), config)
     trained_at = time.perf_counter()
-    measured = evaluate(trained, data.rows(val_rows))
+    measured = evaluate(trained, data.rows(val_rows), args.query_member)
     # Calibrated on the held-out faces: like gallery images, the transforms never saw them (on the
     # training faces they agree more, and a threshold from there would reject far more than asked).
-    quantiles = uncertainty_quantiles(trained, data.rows(val_rows))
+    quantiles = uncertainty_quantiles(trained, data.rows(val_rows), args.query_member)
     for row in trained.history:
         print(json.dumps(row))
     print(f"held out: {len(val_rows)} faces of {args.val_identities} celeba-dev identities; all pairs, probe = query model")
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m facelink.export.query.transforms " + " ".join(sys.argv[1:] if argv is None else argv)
     write_ensemble(trained, out, query_manifest=args.query, gallery_manifests=gallery_manifests, quantiles=quantiles,
                    training={"command": command, "config": asdict(config), "train_faces": len(train_rows),
-                             "held_out_faces": len(val_rows), "held_out": measured})
+                             "held_out_faces": len(val_rows), "held_out": measured},
+                   query_member=args.query_member)
     print(f"wrote {out}; embeddings {embedded - started:.0f} s, training {trained_at - embedded:.0f} s")
     return 0
 
