@@ -157,7 +157,7 @@ def measure_edge(run: EdgeRun) -> dict:
     from facelink.datasets import LFW
     from facelink.edge.pipeline import box_to_proto, landmarks_to_proto
     from facelink.runtime.alignment import canonical_template, warp_face
-    from facelink.runtime.codecs import create_codec
+    from facelink.runtime.codecs import create_codec, default_quality
     from facelink.runtime.codecs.learned import LearnedFaceCodec
     from facelink.runtime.detection import create_detector
     from facelink.runtime.recognition import create_recognizer
@@ -167,7 +167,7 @@ def measure_edge(run: EdgeRun) -> dict:
     detector = create_detector(DetectorConfig())
     backend = BackendConfig(intra_op_threads=run.threads)
     if run.codec.startswith("learned:"):  # its ONNX sessions at the run's thread count
-        codec = LearnedFaceCodec.load(run.codec.partition(":")[2], run.quality or 3, backend)
+        codec = LearnedFaceCodec.load(run.codec.partition(":")[2], run.quality or default_quality(run.codec), backend)
     else:
         codec = create_codec(run.codec, quality=run.quality)
     query = create_recognizer(run.query, backend) if run.query else None
