@@ -88,7 +88,7 @@ def export_graph(graph: torch.nn.Module, example: torch.Tensor, path: Path, inpu
     )
 
 
-def write_bundle(checkpoint: Path, name: str, out: Path, command: str) -> Path:
+def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_quality: int | None = None) -> Path:
     model, state = load_trained(checkpoint)
     graphs = exportable(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,7 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str) -> Path:
         **{key: {"file": path.name, "sha256": _sha256(path)} for key, path in files.items()},
         "stride": 16,
         "qualities": model.arch.qualities,
+        **({"default_quality": default_quality} if default_quality else {}),
         "latent_channels": latent,
         "license": "Apache-2.0 (facelink's own weights)",
         "description": "Identity-preserving learned face codec: factorized prior, gain units, MobileFaceNet identity loss.",
@@ -187,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="default", help="bundle name (codec id flc-<name>-<tag>)")
     parser.add_argument("--out", type=Path, default=Path("runtime/manifests/codecs"), help="where the bundle goes")
     parser.add_argument("--check-faces", type=int, default=32, help="faces for the parity check (0 skips it)")
+    parser.add_argument("--default-quality", type=int,
+                        help="the quality the edge uses unless told: the lowest at recognition parity "
+                             "(facelink bench rate-accuracy); default: the middle one")
     args = parser.parse_args(argv)
     command = "python -m facelink.export.codec.bundle " + shlex.join(sys.argv[1:] if argv is None else argv)
-    manifest = write_bundle(args.checkpoint, args.name, args.out, command)
+    manifest = write_bundle(args.checkpoint, args.name, args.out, command, args.default_quality)
     print(f"wrote {manifest} and its three files")
     if args.check_faces:
         rows = parity(manifest, args.checkpoint, held_out_faces(args.checkpoint.parent, args.check_faces))
