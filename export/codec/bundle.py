@@ -115,7 +115,7 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_q
         "description": "Identity-preserving learned face codec: factorized prior, gain units, MobileFaceNet identity loss.",
         "training": {
             "command": f"{train_command(TrainConfig.from_dict(state['config']), '~/.cache/facelink/runs/' + checkpoint.parent.name)} "
-            f"(then: {command})",
+            f"(learning-rate schedule: export/codec/runs/README.md; then: {command})",
             "architecture": model.arch.to_dict(),
             "config": state["config"],
             "progress": progress,

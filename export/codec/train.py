@@ -434,10 +434,12 @@ def _loop(
 
 
 def train_command(config: TrainConfig, run_dir: str = "RUN") -> str:
-    """The command line that starts a run with `config` (the settings that differ from the defaults)."""
+    """The command line that starts a run with `config` (the settings that differ from the defaults).
+    Settings a resume may change (the learning rate, epochs, threads) are left out: a run's
+    schedule of them is in its logs, not in its config."""
     flags = {
         "model": "--model", "batch_size": "--batch-size", "seed": "--seed", "lambdas": "--lambdas",
-        "identity_weights": "--identity-weights", "init_from": "--init-from", "lr": "--lr", "epochs": "--epochs",
+        "identity_weights": "--identity-weights", "init_from": "--init-from",
     }
     default = TrainConfig()
     parts = ["python", "-m", "facelink.export.codec.train", "--run-dir", run_dir]
