@@ -82,14 +82,21 @@ def test_enroll_stream_identify_and_reject_a_stranger(enrolled_server, channel_t
     stream.close()
 
 
-def test_malformed_payloads_are_rejected_and_the_stream_survives(enrolled_server, channel_to, pipeline) -> None:
+def test_malformed_payloads_are_rejected_and_the_stream_survives(enrolled_server, channel_to, pipeline, engine_parts) -> None:
     stream = Stream(channel_to(enrolled_server.address))
     good = observe(pipeline, "Tony_Blair", 3)
+    assert good.face.codec_id.startswith("flc-default-")  # the edge's default payload: the learned codec
 
-    bad = recognition_pb2.FaceObservation()
-    bad.CopyFrom(good)
-    bad.face.data = b"\xff\xd8 this is not a jpeg"
-    cases = {"undecodable": (bad, grpc.StatusCode.INVALID_ARGUMENT, "undecodable jpeg")}
+    cases = {}
+    for codec, message in (("learned", "not a facelink learned-codec bitstream"), ("jpeg", "undecodable jpeg")):
+        bad = observe(EdgePipeline(EdgeConfig(faces="central", codec=codec), detector=engine_parts[1]), "Tony_Blair", 3)
+        bad.face.data = b"\xff\xd8 this is not a " + codec.encode()
+        cases[f"undecodable {codec}"] = (bad, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    truncated = recognition_pb2.FaceObservation()
+    truncated.CopyFrom(good)
+    truncated.face.data = good.face.data[: len(good.face.data) // 2]
+    cases["truncated"] = (truncated, grpc.StatusCode.INVALID_ARGUMENT, "checksum")
 
     unknown_codec = recognition_pb2.FaceObservation()
     unknown_codec.CopyFrom(good)
