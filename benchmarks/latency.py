@@ -48,7 +48,7 @@ from . import reporting
 
 DEFAULT_JSON = Path("benchmarks/results/latency.json")
 DEFAULT_MODELS = ("mobilefacenet", "yunet", "facelink-query-v1", "codec-default:encoder", "codec-default:decoder")
-DEFAULT_CODECS = ("jpeg@90", "learned@3")
+DEFAULT_CODECS = ("jpeg@90", "learned")  # learned: its bundle's default quality
 DEFAULT_QUERY = "facelink-query-v1"
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_FRAME = (640, 480)  # a VGA camera frame; YuNet needs multiples of 32
@@ -347,8 +347,8 @@ def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
     """One edge run per codec, precision and thread count; exports what each precision needs."""
     from facelink.export.deploy.pipeline import ExportOptions, export_onnx
     from facelink.export.deploy.source import resolve_source
+    from facelink.runtime.codecs import LEARNED_ALIAS, default_quality
     from facelink.runtime.codecs.learned import CODEC_PREFIX
-    from facelink.runtime.codecs import LEARNED_ALIAS
 
     codecs = [c for c in (args.codec or DEFAULT_CODECS) if c != "none"]
     if not codecs:
@@ -370,9 +370,8 @@ def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
                 wire = f"{LEARNED_ALIAS}:{exported(f'{CODEC_PREFIX}{name}:encoder', precision)}"
             query = None if args.query == "none" else exported(args.query, precision)
             for threads in thread_counts:
-                runs.append(
-                    EdgeRun(wire, codec, int(quality) if quality else None, precision, query, threads, args.edge_frames)
-                )
+                level = int(quality) if quality else default_quality(codec)  # named in the report and the JSON
+                runs.append(EdgeRun(wire, codec, level, precision, query, threads, args.edge_frames))
     return runs
 
 
