@@ -327,7 +327,11 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path)
+        # Two runs may share the cache (say, two protocols on two cores): rows wait in memory and
+        # are written in one short transaction every COMMIT_EVERY_S, so neither run holds the
+        # write lock while it computes (an open transaction between inserts starves the other).
+        self.db = sqlite3.connect(path, timeout=60)
+        self._pending: dict[str, list[tuple]] = {}
         self.db.execute("PRAGMA journal_mode=WAL")  # a killed run leaves the committed rows intact
         self.db.executescript("""
             CREATE TABLE IF NOT EXISTS located (pipeline TEXT, image TEXT, landmarks BLOB,
@@ -341,13 +345,23 @@ class Store:
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
-        self.db.commit()
+        self.commit()
         self.db.close()
+
+    def commit(self) -> None:
+        """Write the pending rows, in one transaction."""
+        with self.db:
+            for sql, rows in self._pending.items():
+                self.db.executemany(sql, rows)
+        self._pending.clear()
+        self._last_commit = time.monotonic()
 
     def maybe_commit(self) -> None:
         if time.monotonic() - self._last_commit > self.COMMIT_EVERY_S:
-            self.db.commit()
-            self._last_commit = time.monotonic()
+            self.commit()
+
+    def _put(self, sql: str, row: tuple) -> None:
+        self._pending.setdefault(sql, []).append(row)
 
     def located(self, pipeline: str) -> dict[str, np.ndarray | None]:
         rows = self.db.execute("SELECT image, landmarks FROM located WHERE pipeline = ?", (pipeline,))
@@ -356,7 +370,7 @@ class Store:
 
     def put_located(self, pipeline: str, image: str, landmarks: np.ndarray | None) -> None:
         blob = None if landmarks is None else np.asarray(landmarks, np.float32).tobytes()
-        self.db.execute("INSERT OR REPLACE INTO located VALUES (?, ?, ?)", (pipeline, image, blob))
+        self._put("INSERT OR REPLACE INTO located VALUES (?, ?, ?)", (pipeline, image, blob))
 
     def coded(self, setting: str) -> dict[str, Coded]:
         rows = self.db.execute("SELECT image, bytes, pixels, psnr, encode_ms, decode_ms, detect_ms, "
@@ -364,9 +378,9 @@ class Store:
         return {r[0]: Coded(*r[1:7], None if r[7] is None else bool(r[7])) for r in rows}
 
     def put_coded(self, setting: str, image: str, c: Coded) -> None:
-        self.db.execute("INSERT OR REPLACE INTO coded VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (setting, image, c.bytes, c.pixels, c.psnr, c.encode_ms, c.decode_ms, c.detect_ms,
-                         None if c.redetected is None else int(c.redetected)))
+        self._put("INSERT OR REPLACE INTO coded VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (setting, image, c.bytes, c.pixels, c.psnr, c.encode_ms, c.decode_ms, c.detect_ms,
+                   None if c.redetected is None else int(c.redetected)))
 
     def embedded(self, setting: str, model: str) -> dict[str, tuple[np.ndarray, float]]:
         rows = self.db.execute("SELECT image, vector, ms FROM embedded WHERE setting = ? AND model = ?",
@@ -374,8 +388,8 @@ class Store:
         return {image: (np.frombuffer(blob, np.float32), ms) for image, blob, ms in rows}
 
     def put_embedded(self, setting: str, model: str, image: str, vector: np.ndarray, ms: float) -> None:
-        self.db.execute("INSERT OR REPLACE INTO embedded VALUES (?, ?, ?, ?, ?)",
-                        (setting, model, image, np.asarray(vector, np.float32).tobytes(), ms))
+        self._put("INSERT OR REPLACE INTO embedded VALUES (?, ?, ?, ?, ?)",
+                  (setting, model, image, np.asarray(vector, np.float32).tobytes(), ms))
 
 
 def model_key(recognizer) -> str:  # noqa: ANN001
@@ -406,7 +420,7 @@ def locate_all(evalset: EvalSet, store: Store, pipeline: str, detector,  # noqa:
         found[name] = central_landmarks(detector, read_rgb(path))
         store.put_located(pipeline, name, found[name])
         store.maybe_commit()
-    store.db.commit()
+    store.commit()
     return found
 
 
@@ -466,7 +480,7 @@ def measure(evalset: EvalSet, settings: Sequence[Setting], recognizers: Sequence
             store.maybe_commit()
             bar.update()
     bar.close()
-    store.db.commit()
+    store.commit()
 
 
 # -- evaluation ----------------------------------------------------------------------------------

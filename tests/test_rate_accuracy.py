@@ -137,6 +137,21 @@ def test_celeba_pairs_refuse_a_set_too_small() -> None:
         ra.celeba_pairs(synthetic_celeba(identities=20, pictures=2), per_fold=5)  # 2 same pairs per fold
 
 
+# --- the cache -----------------------------------------------------------------------------------
+def test_two_runs_share_the_cache_without_locking_each_other(tmp_path: Path) -> None:
+    """Rows wait in memory until a commit, so a run that is computing holds no lock on the file."""
+    first, second = ra.Store(tmp_path / "c.sqlite"), ra.Store(tmp_path / "c.sqlite")
+    second.db.execute("PRAGMA busy_timeout = 0")  # fail at once instead of waiting, were it locked
+    coded = ra.Coded(100, 64, 30.0, 1.0, 2.0, 0.0, None)
+    first.put_coded("a", "x.jpg", coded)
+    second.put_coded("b", "y.jpg", coded)
+    second.commit()
+    assert first.coded("a") == {} and "y.jpg" in first.coded("b")  # pending rows are not written yet
+    first.close()
+    assert second.coded("a") == {"x.jpg": coded}
+    second.close()
+
+
 # --- learned codecs join by themselves ---------------------------------------------------------
 def test_every_quality_of_every_bundled_learned_codec_is_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
