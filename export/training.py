@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -65,3 +67,39 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
+
+
+class _Progress(Protocol):
+    seconds: float  # training wall time over all sessions of the run
+
+
+class Checkpoints:
+    """When a training loop saves: every `every_minutes`, and when it must stop (a `StopRequest`
+    or the session's deadline). Each save first adds the wall time since the last one to
+    `progress.seconds`, so a run's hours add up over any number of resumed sessions."""
+
+    def __init__(self, save: Callable[[], None], progress: _Progress, every_minutes: float,
+                 stop: StopRequest, deadline: float | None = None) -> None:
+        self._save, self._progress, self._every_s = save, progress, every_minutes * 60
+        self._stop, self._deadline = stop, deadline
+        self._accounted = self._last_save = time.perf_counter()
+
+    def save(self) -> None:
+        now = time.perf_counter()
+        self._progress.seconds += now - self._accounted
+        self._accounted = self._last_save = now
+        self._save()
+
+    def after_step(self) -> bool:
+        """Save if it is time; True when the loop must stop now (it has been saved)."""
+        if self._stop.requested or (self._deadline is not None and time.perf_counter() > self._deadline):
+            self.save()
+            return True
+        if time.perf_counter() - self._last_save > self._every_s:
+            self.save()
+        return False
+
+    @property
+    def hours(self) -> float:
+        """The run's training time so far, this session's unsaved part included."""
+        return (self._progress.seconds + time.perf_counter() - self._accounted) / 3600

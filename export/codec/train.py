@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..training import StopRequest, append_jsonl, config_from_dict, open_run
+from ..training import Checkpoints, StopRequest, append_jsonl, config_from_dict, open_run
 from .batches import Batch, BatchSampler, split_by_identity
 from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
@@ -359,14 +359,10 @@ def _loop(
     progress_bar: bool,
 ) -> Progress:
     checkpoint = run_dir / "checkpoint.pt"
-    accounted = last_save = time.perf_counter()
-
-    def save() -> None:
-        nonlocal accounted, last_save
-        now = time.perf_counter()
-        progress.seconds += now - accounted
-        accounted = last_save = now
-        save_checkpoint(checkpoint, model, optimizer, aux_optimizer, progress, config)
+    checkpoints = Checkpoints(
+        lambda: save_checkpoint(checkpoint, model, optimizer, aux_optimizer, progress, config),
+        progress, config.checkpoint_minutes, stop, deadline,
+    )
 
     window = Window()
     while progress.epoch < config.epochs:
@@ -412,12 +408,9 @@ def _loop(
                     + f" {summary['samples_per_s']:.1f}/s"
                 )
                 window = Window()
-            if stop.requested or (deadline is not None and time.perf_counter() > deadline):
+            if checkpoints.after_step():
                 bar.close()
-                save()
                 return progress
-            if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
-                save()
         bar.close()
         append_jsonl(
             run_dir / "val.jsonl",
@@ -429,7 +422,7 @@ def _loop(
         )
         progress.epoch += 1
         progress.batch = 0
-        save()
+        checkpoints.save()
     return progress
 
 

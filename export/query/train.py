@@ -51,7 +51,7 @@ from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
 from facelink.runtime.manifest import load_manifest
 
-from ..training import StopRequest, append_jsonl, config_from_dict, open_run
+from ..training import Checkpoints, StopRequest, append_jsonl, config_from_dict, open_run
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
 from .export import write_manifest
@@ -311,14 +311,8 @@ def _loop(run_dir: Path, config: TrainConfig, trainee: Trainee, teacher: nn.Modu
           sampler: ViewSampler, evaluation: Evaluation, progress: Progress, stop: StopRequest, *,
           deadline: float | None, progress_bar: bool) -> Progress:
     checkpoint = run_dir / "checkpoint.pt"
-    accounted = last_save = time.perf_counter()
-
-    def save() -> None:
-        nonlocal accounted, last_save
-        now = time.perf_counter()
-        progress.seconds += now - accounted
-        accounted = last_save = now
-        save_checkpoint(checkpoint, trainee, progress, config)
+    checkpoints = Checkpoints(lambda: save_checkpoint(checkpoint, trainee, progress, config), progress,
+                              config.checkpoint_minutes, stop, deadline)
 
     window = Window()
     while progress.epoch < config.epochs:
@@ -340,21 +334,18 @@ def _loop(run_dir: Path, config: TrainConfig, trainee: Trainee, teacher: nn.Modu
                                                         "samples": progress.samples, "lr": round(lr, 7), **summary})
                 bar.set_postfix_str(f"cos {summary['cos']:.4f} {summary['samples_per_s']:.0f}/s")
                 window = Window()
-            if stop.requested or (deadline is not None and time.perf_counter() > deadline):
+            if checkpoints.after_step():
                 bar.close()
-                save()
                 return progress
-            if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
-                save()
         bar.close()
         measured = evaluation.measure(trainee.model, run_dir / "eval", progress.epoch)
         append_jsonl(run_dir / "val.jsonl", {"epoch": progress.epoch, "step": progress.step, "samples": progress.samples,
-                                              "hours": round((progress.seconds + time.perf_counter() - accounted) / 3600, 3),
+                                              "hours": round(checkpoints.hours, 3),
                                               **measured})
         print(f"epoch {progress.epoch}: {json.dumps(measured)}", flush=True)
         progress.epoch += 1
         progress.batch = 0
-        save()
+        checkpoints.save()
     return progress
 
 
