@@ -665,7 +665,7 @@ class Row:
 
 def build_rows(models: Models, embedded: dict[str, Embedded]) -> tuple[list[Row], Any]:
     """Every row's query- and gallery-side embeddings, and the transformed gallery (for uncertainty)."""
-    from facelink.runtime.asymmetric import own_key
+    from facelink.runtime.asymmetric import ensemble_mean, own_key
 
     q_id = models.query.model_id
     q = embedded[q_id].embeddings
@@ -682,7 +682,12 @@ def build_rows(models: Models, embedded: dict[str, Embedded]) -> tuple[list[Row]
             rows.append(Row(f"query vs T({m})", "asymmetric", q_id, f"T({m})", q, transformed.members[:, k]))
     if len(transformed.models) > 1:
         parts = [f"T({m})" if m != own else f"{q_id} itself" for m in transformed.models]
-        rows.append(Row("query vs ensemble", "ensemble", q_id, "mean of " + " + ".join(parts), q, transformed.vectors))
+        weights = models.ensemble.weights(transformed.models)
+        mean = "mean of " if weights is None else "weighted mean (" + "/".join(f"{w:g}" for w in weights) + ") of "
+        rows.append(Row("query vs ensemble", "ensemble", q_id, mean + " + ".join(parts), q, transformed.vectors))
+        if weights is not None:  # what the fitted weights add over the plain mean
+            rows.append(Row("query vs ensemble, equal weights", "ensemble", q_id, "mean of " + " + ".join(parts), q,
+                            ensemble_mean(transformed.members)))
     rows.append(Row(f"distillation baseline: query vs {models.teacher} (no transform)", "distillation", q_id,
                     f"{models.teacher} (raw)", q, embedded[models.teacher].embeddings))
     return rows, transformed
@@ -813,9 +818,8 @@ def rejection_table(rej: dict[str, Any]) -> list[str]:
 
 
 def targets(result: dict[str, Any], costs: dict[str, dict], models: Models) -> list[str]:
-    rows = {r["kind"]: r for r in result["rows"] if r["kind"] in ("ensemble",)}
     lines = []
-    ensemble = rows.get("ensemble")
+    ensemble = next((r for r in result["rows"] if r["kind"] == "ensemble"), None)  # as served (weighted, if so)
     singles = [r for r in result["rows"] if r["kind"] == "symmetric" and r["query_model"] in models.galleries]
     if ensemble and singles:
         best_rank1 = max(singles, key=lambda r: r["rank1"])

@@ -4,8 +4,9 @@ A weak board runs one lightweight query model; the cloud, which builds the galle
 afford several large gallery models. A small transformation per gallery model (an ONNX MLP)
 maps that model's embedding into the query model's space. Per gallery image:
 
-* the N transformed embeddings are L2-normalised and averaged, and the mean re-normalised:
-  the gallery vector that query embeddings are matched against (cosine);
+* the N transformed embeddings are L2-normalised and averaged (with per-member weights when the
+  manifest has them), and the mean re-normalised: the gallery vector that query embeddings are
+  matched against (cosine);
 * their disagreement is the image's uncertainty: 1 - the mean pairwise cosine of the N unit
   vectors (0 when they agree exactly; it grows as they spread). Independent gallery models
   agree on clear faces and scatter on poor ones (blur, pose, occlusion, wrong face), so the
@@ -74,6 +75,10 @@ class EnsembleManifest(_Strict):
     query_member: bool = Field(
         False, description="the query model's own embedding of a gallery picture is a member too (identity transform)"
     )
+    member_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="weight of each member in the gallery vector, by member key (gallery model id, or "
+                    "own_key(query model)); empty: equal weights. Uncertainty stays unweighted.")
     uncertainty_quantiles: dict[str, float] = Field(
         default_factory=dict, description="fraction of training faces above -> uncertainty threshold, e.g. {'0.1': 0.21}")
     training: dict[str, object] = Field(default_factory=dict, description="how the transforms were made")
@@ -86,6 +91,13 @@ class EnsembleManifest(_Strict):
             raise ValueError(f"one transform per gallery model, got {models}")
         if len({t.output_dim for t in self.transforms}) != 1:
             raise ValueError("every transform must map into the same (query) dimension")
+        if self.member_weights:
+            members = set(models) | ({own_key(self.query_model)} if self.query_member else set())
+            if set(self.member_weights) != members:
+                raise ValueError(f"member_weights must weigh every member ({', '.join(sorted(members))}), "
+                                 f"got {', '.join(sorted(self.member_weights))}")
+            if not all(w > 0 for w in self.member_weights.values()):
+                raise ValueError(f"member_weights must be positive, got {self.member_weights}")
         for fraction in self.uncertainty_quantiles:
             if not 0 < float(fraction) < 1:
                 raise ValueError(f"uncertainty_quantiles: fraction {fraction} is not in (0, 1)")
@@ -125,9 +137,16 @@ def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def ensemble_mean(members: np.ndarray) -> np.ndarray:
-    """(N, M, d) transformed embeddings -> (N, d): the re-normalised mean of their unit vectors."""
-    return unit(unit(members).mean(axis=1))
+def ensemble_mean(members: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(N, M, d) transformed embeddings -> (N, d): the re-normalised (weighted) mean of their unit
+    vectors. `weights` (M,) need not sum to one: only their ratios matter."""
+    u = unit(members)
+    if weights is None:
+        return unit(u.mean(axis=1))
+    w = np.asarray(weights, dtype=np.float32).reshape(1, -1, 1)
+    if w.shape[1] != u.shape[1]:
+        raise ValueError(f"{w.shape[1]} weights for {u.shape[1]} members")
+    return unit((u * w).sum(axis=1))
 
 
 def disagreement(members: np.ndarray) -> np.ndarray:
@@ -281,4 +300,11 @@ class GalleryEnsemble:
             raise ValueError(f"gallery models hold different numbers of images: {sorted(sizes)}")
         members = np.stack([self._member(m, embeddings[m]) for m in models], axis=1)
         uncertainty = disagreement(members) if len(models) > 1 else np.zeros(len(members), dtype=np.float32)
-        return TransformedGallery(ensemble_mean(members), members, uncertainty, models)
+        return TransformedGallery(ensemble_mean(members, self.weights(models)), members, uncertainty, models)
+
+    def weights(self, models: tuple[str, ...]) -> np.ndarray | None:
+        """The manifest's weights of these members (a subset is renormalised by the mean itself);
+        None for equal weights."""
+        if not self.manifest.member_weights:
+            return None
+        return np.array([self.manifest.member_weights[m] for m in models], dtype=np.float32)

@@ -72,6 +72,30 @@ def test_the_gallery_vector_is_the_normalised_mean_of_the_unit_transformed_embed
     assert np.allclose(single.vectors, unit(gb @ b), atol=1e-5) and not single.uncertainty.any()
 
 
+def test_member_weights_weigh_the_gallery_vector_of_every_subset_but_not_the_uncertainty(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(DIM, DIM)), rng.normal(size=(DIM, DIM))
+    ga, gb = unit(rng.normal(size=(5, DIM))), unit(rng.normal(size=(5, DIM)))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "e").mkdir()
+    weighted = GalleryEnsemble.load(ensemble_in(tmp_path / "w", {"a@1": a, "b@1": b}, member_weights={"a@1": 0.8, "b@1": 0.2}))
+    equal = GalleryEnsemble.load(ensemble_in(tmp_path / "e", {"a@1": a, "b@1": b}))
+    result = weighted.transform({"a@1": ga, "b@1": gb})
+    assert np.allclose(result.vectors, unit(0.8 * unit(ga @ a) + 0.2 * unit(gb @ b)), atol=1e-5)
+    assert np.allclose(result.uncertainty, equal.transform({"a@1": ga, "b@1": gb}).uncertainty, atol=1e-6)
+    assert np.allclose(weighted.transform({"b@1": gb}).vectors, unit(gb @ b), atol=1e-5)  # a subset renormalises
+    members = unit(rng.normal(size=(4, 3, DIM)))
+    assert np.allclose(ensemble_mean(members, np.array([2.0, 2.0, 2.0])), ensemble_mean(members), atol=1e-6)
+
+
+@pytest.mark.parametrize("weights, problem", [({"a@1": 1.0}, "every member"), ({"a@1": 1.0, "b@1": 0.0}, "positive"),
+                                              ({"a@1": 1.0, "b@1": 1.0, "q@1+own": 1.0}, "every member")])
+def test_member_weights_must_weigh_each_member_once_and_positively(tmp_path: Path, weights: dict, problem: str) -> None:
+    path = ensemble_in(tmp_path, {"a@1": np.eye(DIM), "b@1": np.eye(DIM)}, member_weights=weights)
+    with pytest.raises(ManifestError, match=problem):
+        load_ensemble_manifest(path)
+
+
 def test_uncertainty_is_zero_when_the_transforms_agree_and_grows_with_their_disagreement(tmp_path: Path) -> None:
     g = unit(np.random.default_rng(1).normal(size=(20, DIM)))
     g[:, :2] *= 4  # most of each vector in the rotated plane, so the rotation matters

@@ -161,20 +161,26 @@ def test_transforms_learn_a_rotation_of_the_query_space_from_embeddings_alone() 
     assert rows["query vs ensemble"]["cos"] > 0.9
 
 
+def model_manifests(folder: Path, data: PairedEmbeddings) -> dict[str, Path]:
+    """Model manifests for the query model q@1 and `data`'s gallery models (write_ensemble binds to them)."""
+    manifests = {}
+    for model_id in ("q@1", *data.galleries):
+        name, version = model_id.split("@")
+        manifests[model_id] = folder / f"{name}.json"
+        manifests[model_id].write_text(json.dumps({
+            "name": name, "version": version, "task": "recognition", "file": f"{name}.onnx",
+            "input": {"width": 8, "height": 8}, "alignment": {"template": [[1, 1], [6, 1], [4, 4], [2, 6], [6, 6]]},
+            "embedding": {"dim": 64, "match_threshold": 0.5}}))
+    return manifests
+
+
 def test_exported_ensemble_runs_in_the_runtime_exactly_as_trained(tmp_path: Path) -> None:
     from facelink.export.query.transforms import uncertainty_quantiles, write_ensemble
     from facelink.runtime.asymmetric import GalleryEnsemble, RejectionPolicy
 
     data = rotated_space(600, seed=0)
     trained = train_transforms(data, TransformConfig(hidden=32, epochs=2, batch_size=128))
-    manifests = {}
-    for model_id in ("q@1", *data.galleries):
-        name, version = model_id.split("@")
-        manifests[model_id] = tmp_path / f"{name}.json"
-        manifests[model_id].write_text(json.dumps({
-            "name": name, "version": version, "task": "recognition", "file": f"{name}.onnx",
-            "input": {"width": 8, "height": 8}, "alignment": {"template": [[1, 1], [6, 1], [4, 4], [2, 6], [6, 6]]},
-            "embedding": {"dim": 64, "match_threshold": 0.5}}))
+    manifests = model_manifests(tmp_path, data)
     out = write_ensemble(trained, tmp_path / "ensemble" / "q-1.json", query_manifest=str(manifests["q@1"]),
                          gallery_manifests={m: str(manifests[m]) for m in data.galleries},
                          quantiles=uncertainty_quantiles(trained, data), training={"test": True})
@@ -186,3 +192,25 @@ def test_exported_ensemble_runs_in_the_runtime_exactly_as_trained(tmp_path: Path
         assert np.allclose(result.members[:, k], expected[model], atol=1e-5)
     flagged = RejectionPolicy.from_manifest(ensemble.manifest, 0.1).apply(result.uncertainty).flagged
     assert abs(flagged.mean() - 0.1) < 0.01  # the calibrated threshold reproduces the fraction on its own data
+
+
+def test_fitted_member_weights_favour_the_informative_member_and_reach_the_runtime(tmp_path: Path) -> None:
+    from facelink.export.query.transforms import fit_member_weights, write_ensemble
+    from facelink.runtime.asymmetric import GalleryEnsemble, ensemble_mean, unit
+
+    data = rotated_space(400, seed=2)
+    rng = np.random.default_rng(3)
+    clean = unit(data.query + 0.3 * rng.normal(size=data.query.shape))
+    noisy = unit(data.query + 3.0 * rng.normal(size=data.query.shape))
+    weights = fit_member_weights(np.stack([noisy, clean], axis=1), data.query, data.labels, step=0.1)
+    assert weights.sum() == pytest.approx(1) and weights[1] > weights[0] >= 0.1
+
+    trained = train_transforms(data, TransformConfig(hidden=16, epochs=1, batch_size=128))
+    manifests = model_manifests(tmp_path, data)
+    out = write_ensemble(trained, tmp_path / "ensemble" / "q-1.json", query_manifest=str(manifests["q@1"]),
+                         gallery_manifests={m: str(manifests[m]) for m in data.galleries}, quantiles={},
+                         training={"test": True}, weights=np.array([0.7, 0.3]))
+    ensemble = GalleryEnsemble.load(out)
+    assert ensemble.manifest.member_weights == {"a@1": 0.7, "b@1": 0.3}
+    result = ensemble.transform(data.galleries)
+    assert np.allclose(result.vectors, ensemble_mean(result.members, np.array([0.7, 0.3])), atol=1e-6)
