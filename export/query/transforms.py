@@ -225,10 +225,10 @@ def evaluate(trained: TrainedTransforms, data: PairedEmbeddings, query_member: b
         rows[f"query vs T({name})"] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
     members = ensemble_members(trained, data, query_member)
     if members.shape[1] > 1:
-        for name, w in (("query vs ensemble", None), ("query vs weighted ensemble", weights)):
-            if name == "query vs ensemble" or w is not None:
-                mean = ensemble_mean(members, w)
-                rows[name] = {"cos": round(float(np.einsum("ij,ij->i", mean, q).mean()), 5), **verification(q, mean, data.labels)}
+        variants = {"query vs ensemble": None, **({"query vs weighted ensemble": weights} if weights is not None else {})}
+        for name, w in variants.items():
+            mean = ensemble_mean(members, w)
+            rows[name] = {"cos": round(float(np.einsum("ij,ij->i", mean, q).mean()), 5), **verification(q, mean, data.labels)}
     return rows
 
 
