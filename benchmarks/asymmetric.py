@@ -1013,9 +1013,7 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    argv = reporting.bench_argv(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     command = shlex.join(["facelink", "bench", "asymmetric", *argv])

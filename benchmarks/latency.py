@@ -521,9 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    argv = reporting.bench_argv(argv)
     args = build_parser().parse_args(argv)
     if args.worker_model or args.worker_edge:
         return _worker("model" if args.worker_model else "edge", args.worker_model or args.worker_edge)

@@ -189,9 +189,7 @@ def codec_rows(names: list[str], args: argparse.Namespace, command: str) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    argv = reporting.bench_argv(argv)
     args = build_parser().parse_args(argv)
     command = shlex.join(["facelink", "bench", "quantization", *argv])
     recognizers = [] if args.recognizer == ["none"] else list(dict.fromkeys(args.recognizer or DEFAULT_RECOGNIZERS))

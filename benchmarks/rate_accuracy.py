@@ -838,9 +838,7 @@ def _sweeps(parser: argparse.ArgumentParser, overrides: list[str]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `facelink bench rate-accuracy -- ...` may pass the separator through
-        argv = argv[1:]
+    argv = reporting.bench_argv(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     command = shlex.join(["facelink", "bench", "rate-accuracy", *argv])

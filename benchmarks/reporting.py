@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or ""
+
+
+def bench_argv(argv: Sequence[str] | None) -> list[str]:
+    """A benchmark's arguments: the process's by default, without the leading `--` that
+    `facelink bench NAME -- ...` passes through."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return args[1:] if args[:1] == ["--"] else args
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
