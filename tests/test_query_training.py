@@ -206,6 +206,7 @@ def test_fitted_member_weights_favour_the_informative_member_and_reach_the_runti
     noisy = unit(data.query + 3.0 * rng.normal(size=data.query.shape))
     weights = fit_member_weights(np.stack([noisy, clean], axis=1), data.query, data.labels, step=0.1)
     assert weights.sum() == pytest.approx(1) and weights[1] > weights[0] >= 0.1
+    assert fit_member_weights(clean[:, None], data.query, data.labels).tolist() == [1.0]  # one member: nothing to fit
 
     trained = train_transforms(data, TransformConfig(hidden=16, epochs=1, batch_size=128))
     manifests = model_manifests(tmp_path, data)
