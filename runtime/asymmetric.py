@@ -19,6 +19,10 @@ transform trained for other weights would silently map into the wrong place), pl
 uncertainty quantiles of its training faces, which turn "reject the most uncertain x%" into a
 per-image threshold at enrollment time, when the rest of the gallery is not at hand.
 
+A transform without a file is the identity: for the gallery model the query model was distilled
+from, whose space the query model was trained to share, its raw embedding may serve better than
+a map fitted to the query model's (imperfect) copy of it -- the trainer measures both.
+
 With `query_member`, the query model is one of the gallery models too, through the identity
 transform: where the cloud ran it at enrollment (it does for the ensembles it serves), its own
 embedding of the picture joins the mean and the disagreement. It is the member whose view
@@ -59,10 +63,24 @@ class _Strict(BaseModel):
 class TransformSpec(_Strict):
     gallery_model: str = Field(min_length=1, description="model id (name@version) of the gallery recogniser")
     gallery_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="its weights")
-    file: str = Field(min_length=1, description="ONNX file, relative to the manifest")
+    file: str | None = Field(
+        None, min_length=1,
+        description="ONNX file, relative to the manifest; none: the identity (the gallery model's own space "
+                    "is the query space, as for the model the query model was distilled from)")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     input_dim: int = Field(gt=0)
     output_dim: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _identity_fits(self) -> TransformSpec:
+        if self.file is None and (self.input_dim != self.output_dim or self.sha256 is not None):
+            raise ValueError(f"transform for {self.gallery_model}: an identity transform (no file) needs "
+                             f"input_dim == output_dim (got {self.input_dim} -> {self.output_dim}) and no sha256")
+        return self
+
+    @property
+    def identity(self) -> bool:
+        return self.file is None
 
 
 class EnsembleManifest(_Strict):
@@ -234,21 +252,25 @@ class TransformedGallery:
 
 
 class EmbeddingTransform:
-    """One gallery model's embedding -> the query space, through its ONNX file."""
+    """One gallery model's embedding -> the query space, through its ONNX file (or as it is, for
+    an identity spec)."""
 
     def __init__(self, spec: TransformSpec, folder: Path, backend: BackendConfig = BackendConfig()) -> None:
+        self.spec = spec
+        self.backend = None
+        if spec.file is None:
+            return
         path = Path(spec.file) if Path(spec.file).is_absolute() else folder / spec.file
         if not path.is_file():
             raise ManifestError(f"transform for {spec.gallery_model}: {path} does not exist")
         if spec.sha256 is not None and file_sha256(path) != spec.sha256:
             raise ManifestError(f"transform for {spec.gallery_model}: {path} does not match its sha256")
-        self.spec = spec
         self.backend = create_backend(path, backend)
         self._input = self.backend.input_names[0]
 
     def __call__(self, embeddings: np.ndarray) -> np.ndarray:
         x = unit(np.asarray(embeddings, dtype=np.float32).reshape(-1, self.spec.input_dim))
-        return unit(self.backend.run({self._input: x})[0])
+        return x if self.backend is None else unit(self.backend.run({self._input: x})[0])
 
 
 class GalleryEnsemble:

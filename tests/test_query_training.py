@@ -217,3 +217,31 @@ def test_fitted_member_weights_favour_the_informative_member_and_reach_the_runti
     assert ensemble.manifest.member_weights == {"a@1": 0.7, "b@1": 0.3}
     result = ensemble.transform(data.galleries)
     assert np.allclose(result.vectors, ensemble_mean(result.members, np.array([0.7, 0.3])), atol=1e-6)
+
+
+def test_an_identity_member_trains_nothing_writes_no_file_and_joins_as_it_is(tmp_path: Path) -> None:
+    from facelink.export.query.transforms import IdentityTransform, write_ensemble
+    from facelink.runtime.asymmetric import GalleryEnsemble, TransformSpec, unit
+
+    data = rotated_space(400, seed=4)
+    data = PairedEmbeddings(data.query, {**data.galleries, "a@1": data.query}, data.labels)  # a@1 shares the query space
+    trained = train_transforms(data, TransformConfig(hidden=16, epochs=1, batch_size=128), identity=("a@1",))
+    assert isinstance(trained.transforms["a@1"], IdentityTransform)
+    assert "query vs b@1 (raw)" not in evaluate(trained, data)  # 96-d: no raw row to compare with
+    with pytest.raises(ValueError, match="not 64-d"):
+        train_transforms(data, TransformConfig(epochs=1), identity=("b@1",))
+    with pytest.raises(ValueError, match="not a gallery model"):
+        train_transforms(data, TransformConfig(epochs=1), identity=("c@1",))
+
+    manifests = model_manifests(tmp_path, data)
+    out = write_ensemble(trained, tmp_path / "ensemble" / "q-1.json", query_manifest=str(manifests["q@1"]),
+                         gallery_manifests={m: str(manifests[m]) for m in data.galleries}, quantiles={},
+                         training={"test": True})
+    ensemble = GalleryEnsemble.load(out)
+    spec = next(t for t in ensemble.manifest.transforms if t.gallery_model == "a@1")
+    assert spec.identity and spec.file is None
+    assert sorted(p.name for p in out.parent.glob("*.onnx")) == ["q-1--from--b.onnx"]
+    result = ensemble.transform(data.galleries)
+    assert np.allclose(result.members[:, result.models.index("a@1")], unit(data.query), atol=1e-6)
+    with pytest.raises(ValueError, match="identity transform"):
+        TransformSpec(gallery_model="b@1", input_dim=96, output_dim=64)

@@ -20,6 +20,11 @@ t_i = T(g_i) / |T(g_i)| (the three of the paper):
   anchored in the query space by also classifying the q_i: transformed embeddings must fall
   in their identity's region of the query space, not just near one picture's point.
 
+A gallery model may instead join through the identity (`--identity`): the one the query model
+was distilled from already lives in the query space, and a map regressed onto the query model's
+embeddings learns that model's errors too. `evaluate` prints both rows ("query vs T(m)" and
+"query vs m (raw)") so the choice is a measured one.
+
 All transforms train jointly (the shared classifier couples them) on the faces of the
 training split; the held-out celeba-dev identities measure them (cosine to the query
 embedding, all-pairs asymmetric verification, and the ensemble). Training takes seconds on one
@@ -116,9 +121,20 @@ def cosface(x: Tensor, labels: Tensor, classifier: Tensor, config: TransformConf
     return F.cross_entropy(config.class_scale * cosine, labels)
 
 
+class IdentityTransform(nn.Module):
+    """A gallery model whose embedding is used as it is (no parameters, no ONNX file)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, g: Tensor) -> Tensor:
+        return g
+
+
 @dataclass
 class TrainedTransforms:
-    transforms: dict[str, EmbeddingTransform]
+    transforms: dict[str, EmbeddingTransform | IdentityTransform]
     config: TransformConfig
     history: list[dict]
 
@@ -128,17 +144,30 @@ class TrainedTransforms:
         return {name: unit(self.transforms[name].eval()(torch.from_numpy(unit(g))).numpy()) for name, g in galleries.items()}
 
 
-def train_transforms(data: PairedEmbeddings, config: TransformConfig = TransformConfig(), log_every: int = 10) -> TrainedTransforms:
-    """Train one transform per gallery model of `data` into `data.query`'s space."""
+def train_transforms(data: PairedEmbeddings, config: TransformConfig = TransformConfig(), log_every: int = 10,
+                     identity: tuple[str, ...] = ()) -> TrainedTransforms:
+    """Train one transform per gallery model of `data` into `data.query`'s space; the models named
+    in `identity` (ids, embedding as wide as the query's) join as they are."""
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     _, labels = np.unique(data.labels, return_inverse=True)
     y = torch.from_numpy(labels.astype(np.int64))
     q = torch.from_numpy(unit(data.query))
     galleries = {name: torch.from_numpy(unit(g)) for name, g in data.galleries.items()}
-    transforms = {name: EmbeddingTransform(g.shape[1], q.shape[1], config.hidden) for name, g in galleries.items()}
-    for name, transform in transforms.items():
-        transform.init_least_squares(galleries[name], q, config.ridge)
+    unknown = set(identity) - set(galleries)
+    if unknown:
+        raise ValueError(f"--identity {', '.join(sorted(unknown))}: not a gallery model ({', '.join(galleries)})")
+    wrong = [name for name in identity if galleries[name].shape[1] != q.shape[1]]
+    if wrong:
+        raise ValueError(f"--identity {', '.join(wrong)}: its embedding is not {q.shape[1]}-d like the query model's")
+    transforms: dict[str, EmbeddingTransform | IdentityTransform] = {}
+    for name, g in galleries.items():
+        if name in identity:
+            transforms[name] = IdentityTransform(g.shape[1])
+        else:
+            transforms[name] = EmbeddingTransform(g.shape[1], q.shape[1], config.hidden)
+            transforms[name].init_least_squares(g, q, config.ridge)
+    trainable = {name: t for name, t in transforms.items() if isinstance(t, EmbeddingTransform)}
     classifier = nn.Parameter(F.normalize(_class_means(q, y), dim=1))  # starts at the identity centres
     params = [classifier, *(p for t in transforms.values() for p in t.parameters())]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -152,7 +181,7 @@ def train_transforms(data: PairedEmbeddings, config: TransformConfig = Transform
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             loss = config.class_weight * cosface(q[batch], y[batch], classifier, config)
-            for name, transform in transforms.items():
+            for name, transform in trainable.items():
                 terms = transform_losses(transform(galleries[name][batch]), q[batch], y[batch], classifier, config)
                 loss = loss + terms["similarity"] + config.kl_weight * terms["kl"] + config.class_weight * terms["class"]
                 for key, value in terms.items():
@@ -225,6 +254,10 @@ def evaluate(trained: TrainedTransforms, data: PairedEmbeddings, query_member: b
         rows[f"{name} symmetric"] = verification(unit(g), unit(g), data.labels)
     for name, t in transformed.items():
         rows[f"query vs T({name})"] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
+        g = unit(data.galleries[name])
+        if g.shape[1] == q.shape[1] and not isinstance(trained.transforms[name], IdentityTransform):
+            rows[f"query vs {name} (raw)"] = {"cos": round(float(np.einsum("ij,ij->i", g, q).mean()), 5),
+                                             **verification(q, g, data.labels)}
     members = ensemble_members(trained, data, query_member)
     if members.shape[1] > 1:
         variants = {"query vs ensemble": None, **({"query vs weighted ensemble": weights} if weights is not None else {})}
@@ -263,6 +296,10 @@ def write_ensemble(trained: TrainedTransforms, out: Path, *, query_manifest: str
     specs = []
     for model_id, transform in trained.transforms.items():
         gallery = load_manifest(gallery_manifests[model_id])
+        if isinstance(transform, IdentityTransform):
+            specs.append(TransformSpec(gallery_model=model_id, gallery_sha256=gallery.sha256,
+                                       input_dim=transform.dim, output_dim=transform.dim))
+            continue
         path = export_transform(transform, out.parent / f"{out.stem}--from--{gallery.name}.onnx")
         specs.append(TransformSpec(gallery_model=model_id, gallery_sha256=gallery.sha256, file=path.name,
                                    sha256=file_sha256(path), input_dim=transform.linear.in_features,
@@ -275,7 +312,9 @@ def write_ensemble(trained: TrainedTransforms, out: Path, *, query_manifest: str
         name=out.stem, query_model=query.model_id, query_sha256=query.sha256, query_manifest=reference,
         transforms=specs, query_member=query_member, member_weights=member_weights,
         uncertainty_quantiles=quantiles, training=training,
-        description=(f"Gallery -> {query.model_id} embedding transformations (residual linear + 2-layer MLP), trained "
+        description=(f"Gallery -> {query.model_id} embedding transformations (residual linear + 2-layer MLP"
+                     + (f"; identity for {', '.join(t.gallery_model for t in specs if t.identity)}"
+                        if any(t.identity for t in specs) else "") + "), trained "
                      "from stored embeddings by facelink.export.query.transforms; gallery vector = "
                      + ("weighted " if member_weights else "") + "mean of the unit transformed embeddings"
                      + (" and the query model's own (identity transform)" if query_member else "")
@@ -306,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-identities", type=int, default=32, help="held-out celeba-dev identities (the query model's split)")
     parser.add_argument("--query-member", action="store_true",
                         help="the query model's own embedding of a gallery picture joins the mean and the uncertainty")
+    parser.add_argument("--identity", action="append", default=[], metavar="GALLERY",
+                        help="this gallery model (one of --gallery) joins untransformed: for the model the query "
+                             "model was distilled from; repeatable")
     parser.add_argument("--fit-weights", action="store_true",
                         help="weigh the members of the gallery vector, fitted on the held-out faces (default: equal)")
     args = parser.parse_args(argv)
@@ -322,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, val_rows = split_by_identity(cache, args.val_identities, seed=0)
     config = TransformConfig(epochs=args.epochs)
     embedded = time.perf_counter()
-    trained = train_transforms(data.rows(train_rows), config)
+    missing = [g for g in args.identity if g not in args.gallery]
+    if missing:
+        parser.error(f"--identity {', '.join(missing)}: name it with --gallery too")
+    identity = tuple(load_manifest(g).model_id for g in args.identity)
+    trained = train_transforms(data.rows(train_rows), config, identity=identity)
     trained_at = time.perf_counter()
     held_out = data.rows(val_rows)
     weights = None
