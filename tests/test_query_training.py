@@ -245,3 +245,14 @@ def test_an_identity_member_trains_nothing_writes_no_file_and_joins_as_it_is(tmp
     assert np.allclose(result.members[:, result.models.index("a@1")], unit(data.query), atol=1e-6)
     with pytest.raises(ValueError, match="identity transform"):
         TransformSpec(gallery_model="b@1", input_dim=96, output_dim=64)
+
+
+def test_the_exported_manifest_names_the_training_command_of_its_run() -> None:
+    from dataclasses import asdict
+
+    from facelink.export.query.export import train_command
+    from facelink.export.query.train import TrainConfig
+
+    config = {**asdict(TrainConfig()), "model": "mfn64", "epochs": 22, "threads": 2}
+    assert train_command(config, Path.home() / "runs" / "q") == \
+        "python -m facelink.export.query.train --run-dir ~/runs/q --model mfn64 --epochs 22 --threads 2"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,6 +91,20 @@ def last_validation(run_dir: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def train_command(config: dict, run_dir: Path) -> str:
+    """The training command that reproduces `config` (a run's config.json): the flags that differ
+    from TrainConfig's defaults."""
+    from .train import TrainConfig  # train imports this module (it writes manifests)
+
+    defaults = asdict(TrainConfig())
+    flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
+             "identity_weight": "--identity-weight", "seed": "--seed", "epochs": "--epochs", "threads": "--threads"}
+    args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
+    home = str(Path.home())
+    where = "~" + str(run_dir)[len(home):] if str(run_dir).startswith(home + "/") else str(run_dir)
+    return " ".join(["python -m facelink.export.query.train --run-dir", where, *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m facelink.export.query.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_manifest(
         model, args.out, name=args.name, version=args.version, match_threshold=args.threshold,
         flip_augmentation=not args.no_flip,
-        source=(f"`python -m facelink.export.query.train --epochs {config['epochs']}` (every other setting: TrainConfig's "
-                f"defaults, export/query/train.py), then `python -m facelink.export.query.export --out {args.out}`"),
-        description=(f"facelink's query model '{config['model']}': MobileFaceNet's topology with half of each bottleneck's "
-                     f"expansion channels, on the ArcFace face region at {arch.input_size}x{arch.input_size}, {arch.dim}-d; "
+        source=(f"`{train_command(config, run_dir)}` (every other setting: TrainConfig's defaults, export/query/train.py), "
+                f"then `python -m facelink.export.query.export "
+                f"{' '.join(sys.argv[1:] if argv is None else argv)}`"),
+        description=(f"facelink's query model '{config['model']}': MobileFaceNet's topology with "
+                     f"{arch.expand_keep:.0%} of each bottleneck's expansion channels, on the ArcFace face region at "
+                     f"{arch.input_size}x{arch.input_size}, {arch.dim}-d, "
+                     f"{'one pass a face' if args.no_flip else 'face + mirror'}; "
                      f"initialised from MobileFaceNet's weights and distilled from it on celeba-dev and LFW training "
                      f"images ({progress['epoch']} epochs, {progress['samples']} views, "
-                     f"{progress['seconds'] / 3600:.2f} h on one CPU core).{measured}"),
+                     f"{progress['seconds'] / 3600:.2f} h on {config.get('threads', 1)} CPU thread(s)).{measured}"),
     )
     print(f"wrote {path} and {path.with_suffix('.onnx')} ({path.with_suffix('.onnx').stat().st_size / 1e6:.2f} MB)")
     return 0
