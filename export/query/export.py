@@ -100,9 +100,13 @@ def train_command(config: dict, run_dir: Path) -> str:
     flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
              "identity_weight": "--identity-weight", "seed": "--seed", "epochs": "--epochs", "threads": "--threads"}
     args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
+    return " ".join(["python -m facelink.export.query.train --run-dir", _home_relative(str(run_dir)), *args])
+
+
+def _home_relative(text: str) -> str:
+    """`text` with the home folder written as ~, so a recorded command reads the same on any machine."""
     home = str(Path.home())
-    where = "~" + str(run_dir)[len(home):] if str(run_dir).startswith(home + "/") else str(run_dir)
-    return " ".join(["python -m facelink.export.query.train --run-dir", where, *args])
+    return text.replace(home + "/", "~/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         flip_augmentation=not args.no_flip,
         source=(f"`{train_command(config, run_dir)}` (every other setting: TrainConfig's defaults, export/query/train.py), "
                 f"then `python -m facelink.export.query.export "
-                f"{' '.join(sys.argv[1:] if argv is None else argv)}`"),
+                f"{_home_relative(' '.join(sys.argv[1:] if argv is None else argv))}`"),
         description=(f"facelink's query model '{config['model']}': MobileFaceNet's topology with "
                      f"{arch.expand_keep:.0%} of each bottleneck's expansion channels, on the ArcFace face region at "
                      f"{arch.input_size}x{arch.input_size}, {arch.dim}-d, "
