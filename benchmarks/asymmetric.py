@@ -93,7 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, cache_dir
+from facelink.config import DEFAULT_QUERY_MODEL, BackendConfig, CanonicalCrop, DetectorConfig, cache_dir
 from facelink.datasets import LFW, CelebADev, DatasetNotFoundError, Pair
 
 from . import reporting
@@ -120,7 +120,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JSON = reporting.RESULTS_DIR / "asymmetric.json"
 DEFAULT_PLOT = reporting.RESULTS_DIR / "asymmetric_risk_coverage.png"
-DEFAULT_ENSEMBLE = "facelink-query-v1"
+DEFAULT_ENSEMBLE = DEFAULT_QUERY_MODEL  # an ensemble manifest is named after its query model
 DEFAULT_TEACHER = "mobilefacenet"
 #: The training runs whose held-out celeba-dev identities make the CelebA set.
 DEFAULT_SPLITS = (cache_dir() / "runs" / "query-v1" / "split.json", cache_dir() / "runs" / "codec-v1" / "split.json")

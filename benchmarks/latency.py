@@ -42,14 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from facelink.config import cache_dir
+from facelink.config import DEFAULT_QUERY_MODEL, cache_dir
 
 from . import reporting
 
 DEFAULT_JSON = Path("benchmarks/results/latency.json")
-DEFAULT_MODELS = ("mobilefacenet", "yunet", "facelink-query-v1", "codec-default:encoder", "codec-default:decoder")
+DEFAULT_MODELS = ("mobilefacenet", "yunet", DEFAULT_QUERY_MODEL, "codec-default:encoder", "codec-default:decoder")
 DEFAULT_CODECS = ("jpeg@90", "learned")  # learned: its bundle's default quality
-DEFAULT_QUERY = "facelink-query-v1"
+DEFAULT_QUERY = DEFAULT_QUERY_MODEL
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_FRAME = (640, 480)  # a VGA camera frame; YuNet needs multiples of 32
 BACKEND_PROVIDERS = {

@@ -30,13 +30,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from facelink.config import cache_dir
+from facelink.config import DEFAULT_QUERY_MODEL, cache_dir
 
 from . import reporting
 from . import verification
 
 DEFAULT_JSON = Path("benchmarks/results/quantization.json")
-DEFAULT_RECOGNIZERS = ("mobilefacenet", "facelink-query-v1")
+DEFAULT_RECOGNIZERS = ("mobilefacenet", DEFAULT_QUERY_MODEL)
 TARGET_POINTS = 0.2
 
 

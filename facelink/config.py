@@ -20,6 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_SHARED = "FACELINK_SHARED"  # folder with data/ and models/ (default: ../shared beside the repo)
 ENV_DATA = "FACELINK_DATA"      # an LFW folder (default: $FACELINK_SHARED/data/lfw)
 ENV_CACHE = "FACELINK_CACHE"    # downloads and caches (default: ~/.cache/facelink)
+#: The bundled query model: what `embedding` payloads carry by default and the benchmarks measure.
+DEFAULT_QUERY_MODEL = "facelink-query-v1"
 
 
 def shared_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -103,7 +105,7 @@ class EdgeConfig(_Config):
         None, ge=1, le=100, description="codec quality; None: the codec's default (90 for jpeg/webp, the bundle's for learned)"
     )
     query_model: str = Field(
-        "facelink-query-v1", description="the query model (manifest name or path) of `embedding` payloads"
+        DEFAULT_QUERY_MODEL, description="the query model (manifest name or path) of `embedding` payloads"
     )
     embedding_dtype: Literal["float32", "float16", "int8"] = Field(
         "int8", description="how an embedding travels: int8 (one byte per dimension and a scale) costs no accuracy"
