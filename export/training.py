@@ -10,7 +10,7 @@ import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -69,8 +69,15 @@ class StopRequest:
         self.requested = True
 
 
-class _Progress(Protocol):
-    seconds: float  # training wall time over all sessions of the run
+@dataclasses.dataclass
+class Progress:
+    """Where a resumable run stands; checkpointed with the weights."""
+
+    epoch: int = 0
+    batch: int = 0        # the next batch of the epoch's plan
+    step: int = 0
+    samples: int = 0
+    seconds: float = 0.0  # training wall time over all sessions of the run
 
 
 class Checkpoints:
@@ -78,7 +85,7 @@ class Checkpoints:
     or the session's deadline). Each save first adds the wall time since the last one to
     `progress.seconds`, so a run's hours add up over any number of resumed sessions."""
 
-    def __init__(self, save: Callable[[], None], progress: _Progress, every_minutes: float,
+    def __init__(self, save: Callable[[], None], progress: Progress, every_minutes: float,
                  stop: StopRequest, deadline: float | None = None) -> None:
         self._save, self._progress, self._every_s = save, progress, every_minutes * 60
         self._stop, self._deadline = stop, deadline

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from facelink.export import training
-
-
-@dataclass
-class Progress:
-    seconds: float = 0.0
 
 
 class Clock:
@@ -26,7 +19,7 @@ def test_saves_every_interval_and_stops_on_request_or_deadline(monkeypatch: pyte
     clock = Clock()
     monkeypatch.setattr(training.time, "perf_counter", clock)
     saves: list[float] = []
-    progress, stop = Progress(seconds=3600.0), training.StopRequest()  # an hour from earlier sessions
+    progress, stop = training.Progress(seconds=3600.0), training.StopRequest()  # an hour from earlier sessions
     checkpoints = training.Checkpoints(lambda: saves.append(progress.seconds), progress, every_minutes=5,
                                        stop=stop, deadline=100.0 + 1200)
     clock.now += 200

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..training import Checkpoints, StopRequest, append_jsonl, config_from_dict, open_run
+from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
 from .batches import Batch, BatchSampler, split_by_identity
 from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
@@ -83,15 +83,6 @@ class TrainConfig:
 
 #: Settings that may change when a run is resumed; the rest define the run.
 RESUMABLE_OVERRIDES = ("threads", "lr", "epochs", "log_every", "checkpoint_minutes")
-
-
-@dataclass
-class Progress:
-    epoch: int = 0
-    batch: int = 0  # the next batch of the epoch's plan
-    step: int = 0
-    samples: int = 0
-    seconds: float = 0.0  # training wall time over all sessions of the run
 
 
 def save_checkpoint(

@@ -51,7 +51,7 @@ from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
 from facelink.runtime.manifest import load_manifest
 
-from ..training import Checkpoints, StopRequest, append_jsonl, config_from_dict, open_run
+from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
 from .export import write_manifest
@@ -89,15 +89,6 @@ class TrainConfig:
 
 #: Settings that may change when a run is resumed; the rest define the run.
 RESUMABLE_OVERRIDES = ("threads", "epochs", "log_every", "checkpoint_minutes")
-
-
-@dataclass
-class Progress:
-    epoch: int = 0
-    batch: int = 0        # the next batch of the epoch's plan
-    step: int = 0
-    samples: int = 0
-    seconds: float = 0.0  # training wall time over all sessions of the run
 
 
 class CosFaceHead(nn.Module):
