@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .model import FaceCodecModel, create_codec_model
-from .speed import DecoderGraph, EncoderGraph, exportable
+from .speed import DecoderGraph, EncoderGraph, export_onnx, exportable
 from .train import TrainConfig, train_command
 
 CDF_PRECISION = 16
@@ -74,20 +74,6 @@ def entropy_tables(model: FaceCodecModel) -> dict[str, np.ndarray]:
     }
 
 
-def export_graph(graph: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
-    # Dynamic height and width: the edge codes 128x128 crops, the full-frame protocol 256x256.
-    torch.onnx.export(
-        graph.eval(),
-        (example,),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=[input_name],
-        output_names=[output_name],
-        dynamic_axes={input_name: {2: "height", 3: "width"}, output_name: {2: "height", 3: "width"}},
-    )
-
-
 def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_quality: int | None = None) -> Path:
     model, state = load_trained(checkpoint)
     graphs = exportable(model)
@@ -99,8 +85,8 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_q
         "tables": out / f"{stem}-tables.npz",
     }
     latent = model.arch.latent_channels
-    export_graph(EncoderGraph(graphs), torch.rand(1, 3, 128, 128), files["encoder"], "image", "latent")
-    export_graph(DecoderGraph(graphs), torch.zeros(1, latent, 8, 8), files["decoder"], "latent", "image")
+    export_onnx(EncoderGraph(graphs), torch.rand(1, 3, 128, 128), files["encoder"], "image", "latent", dynamic_size=True)
+    export_onnx(DecoderGraph(graphs), torch.zeros(1, latent, 8, 8), files["decoder"], "latent", "image", dynamic_size=True)
     np.savez(files["tables"], **entropy_tables(model))
     progress = state["progress"]
     manifest = {

@@ -84,16 +84,21 @@ class DecoderGraph(nn.Module):
         return self.g_s(y_hat).clamp(0, 1)
 
 
-def export_onnx(graph: nn.Module, example: Tensor, path: Path) -> None:
-    # Static shapes: ONNX Runtime plans memory once for the one face size the board sends.
+def export_onnx(graph: nn.Module, example: Tensor, path: Path, input_name: str = "input", output_name: str = "output",
+                dynamic_size: bool = False) -> None:
+    """`graph` as ONNX. Static shapes (the timing here) let ONNX Runtime plan memory once for the
+    one face size the board sends; a bundle's graphs take any height and width (the edge codes
+    128x128 crops, the full-frame protocol 256x256)."""
+    size = {2: "height", 3: "width"}
     torch.onnx.export(
         graph.eval(),
         (example,),
         str(path),
         dynamo=False,
         opset_version=17,
-        input_names=["input"],
-        output_names=["output"],
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: size, output_name: size} if dynamic_size else None,
     )
 
 
