@@ -25,7 +25,7 @@ def main() -> None:
     codec = LearnedFaceCodec.load("default", quality=3)
     stream = codec.encode(smooth_face(128, 128))
     header, payload = bitstream.unpack(stream)
-    symbols = codec._coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
+    symbols = codec.entropy_coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
     np.savez(GOLDEN, stream=np.frombuffer(stream, np.uint8), symbols=symbols.astype(np.int32))
     print(f"wrote {GOLDEN}: {codec.codec_id}, {len(stream)} bytes")
 

@@ -113,7 +113,7 @@ def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols() -> N
     codec = LearnedFaceCodec.load("default", quality=3)
     header, payload = bitstream.unpack(golden["stream"].tobytes())
     assert header.codec_tag == codec.manifest.tag, "the bundled codec changed: python -m tests.make_golden_codec"
-    symbols = codec._coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
+    symbols = codec.entropy_coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
     np.testing.assert_array_equal(symbols, golden["symbols"])
     assert codec.decode(golden["stream"].tobytes()).shape == (128, 128, 3)
 

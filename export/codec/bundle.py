@@ -135,7 +135,7 @@ def parity(manifest_path: Path, checkpoint: Path, faces: np.ndarray) -> list[lis
                 reference_image = model.decompress(strings, torch.Size(y.shape[-2:]), quality)["x_hat"]
             data = codec.encode(face)
             header, payload = bitstream.unpack(data)
-            symbols = codec._coder(quality).decode(payload, *codec.latent_size(header.width, header.height))
+            symbols = codec.entropy_coder(quality).decode(payload, *codec.latent_size(header.width, header.height))
             mismatched += int((symbols != reference).sum())
             total += reference.size
             runtime_bytes.append(len(data))

@@ -163,7 +163,8 @@ class LearnedFaceCodec:
         with self._lock:
             return create_backend(self._verified(self.manifest.decoder, "decoder"), self._backend)
 
-    def _coder(self, quality: int) -> FactorizedEntropyCoder:
+    def entropy_coder(self, quality: int) -> FactorizedEntropyCoder:
+        """The static-table coder of one quality's symbols (the payload, without the header)."""
         coder = self._coders.get(quality)
         if coder is None:
             coder = self._coders[quality] = FactorizedEntropyCoder(self._tables[quality - 1])
@@ -199,7 +200,7 @@ class LearnedFaceCodec:
         height, width = image.shape[:2]
         backend = self.encoder_backend
         y = backend.run({backend.input_names[0]: self.encoder_input(image)})[0][0]
-        payload = self._coder(self.quality).encode(self.quantize(y, self.quality))
+        payload = self.entropy_coder(self.quality).encode(self.quantize(y, self.quality))
         return bitstream.pack(bitstream.Header(self.manifest.tag, self.quality, width, height), payload)
 
     def decode(self, data: bytes) -> np.ndarray:
@@ -212,7 +213,7 @@ class LearnedFaceCodec:
         if not 1 <= header.quality <= self.manifest.qualities:
             raise CodecError(f"corrupt bitstream: quality {header.quality} is outside 1..{self.manifest.qualities}")
         h, w = self.latent_size(header.width, header.height)
-        y_hat = self.dequantize(self._coder(header.quality).decode(payload, h, w), header.quality)
+        y_hat = self.dequantize(self.entropy_coder(header.quality).decode(payload, h, w), header.quality)
         backend = self.decoder_backend
         x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
         image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
