@@ -23,7 +23,7 @@ from facelink.export.codec.data import FaceCache, Source
 from facelink.export.codec.losses import RateDistortionIdentityLoss, bits_per_pixel
 from facelink.export.codec.model import create_codec_model
 from facelink.export.codec.teacher import template_matrices, warp_to_template
-from facelink.export.codec.train import TrainConfig, make_optimizers, run, train_step
+from facelink.export.codec.train import TrainConfig, freeze_for, make_optimizers, run, train_step
 from facelink.runtime.alignment import ARCFACE, canonical_template
 from torch import nn
 
@@ -218,6 +218,33 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tmp_path: Path) -> N
         losses.append(terms.loss.item())
     assert losses[-1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.main_parameters()))
+
+
+def test_decoder_only_training_keeps_every_face_on_its_bytes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cache = synthetic_cache(tmp_path)
+    sampler = BatchSampler(cache, np.arange(len(cache)), ARCFACE, batch_size=4, frame_fraction=0.0,
+                           frame_sides=(128,), qualities=5, seed=0)
+    config = small_config(lr=1e-3, train="decoder")
+    model = create_codec_model("default")
+    freeze_for(model, config.train)
+    criterion = RateDistortionIdentityLoss(StubTeacher(), config.lambdas, config.identity_weights)
+    optimizer, aux_optimizer = make_optimizers(model, config)
+    batch = sampler.batch(sampler.epoch_plan(0)[0], epoch=0, number=0)
+    model.update(force=True)
+    x = batch.images[:2]
+    encoded = model.compress(x, 2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("g_s.")
+              and n != "gains.log_inverse_gain"}
+    decoder = [p.detach().clone() for p in model.g_s.parameters()]
+    for _ in range(3):
+        train_step(model, criterion, batch, optimizer, aux_optimizer, config.clip_norm)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, model.g_s.parameters()))
+    model.update(force=True)
+    assert model.compress(x, 2)["strings"] == encoded["strings"]  # the same bytes for every face
+    with pytest.raises(ValueError, match="train must be one of"):
+        freeze_for(model, "encoder")
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:

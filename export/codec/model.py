@@ -182,8 +182,9 @@ class FaceCodecModel(CompressionModel):
         return {"x_hat": x_hat}
 
     def main_parameters(self) -> list[nn.Parameter]:
-        """Everything the rate-distortion-identity loss trains (all but the bottlenecks' quantiles)."""
-        return [p for name, p in self.named_parameters() if not name.endswith(".quantiles")]
+        """Everything the rate-distortion-identity loss trains (all but the bottlenecks' quantiles
+        and what is frozen)."""
+        return [p for name, p in self.named_parameters() if not name.endswith(".quantiles") and p.requires_grad]
 
     def aux_parameters(self) -> list[nn.Parameter]:
         """The bottlenecks' quantiles: trained by the auxiliary loss only (CompressAI convention)."""

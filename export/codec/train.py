@@ -75,6 +75,11 @@ class TrainConfig:
     # A new run may start from another run's model weights (fresh optimizers and progress): the
     # way to retune the loss weights without paying again for what the codec already learned.
     init_from: str | None = None
+    # "decoder": train the synthesis transform (and its inverse gains) only. The encoder, its
+    # gains and the entropy model stay frozen, so every face codes to the very same bytes and a
+    # loss weighted towards identity costs no rate: the decoder can only get better at what
+    # the bits already carry. Meant with --init-from.
+    train: str = "all"
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -117,6 +122,19 @@ def load_checkpoint(
     return Progress(**state["progress"])
 
 
+TRAINABLE = ("all", "decoder")
+
+
+def freeze_for(model: FaceCodecModel, train: str) -> None:
+    """Freeze what a `train` setting keeps fixed (see TrainConfig.train)."""
+    if train not in TRAINABLE:
+        raise ValueError(f"train must be one of {', '.join(TRAINABLE)}, got {train!r}")
+    if train == "decoder":
+        model.g_a.requires_grad_(False)
+        model.gains.log_gain.requires_grad_(False)
+        model.entropy_bottlenecks.requires_grad_(False)
+
+
 def make_optimizers(
     model: FaceCodecModel, config: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -153,9 +171,10 @@ def train_step(
     if stepped:
         optimizer.step()
     aux = model.aux_loss()
-    aux_optimizer.zero_grad(set_to_none=True)
-    aux.backward()
-    aux_optimizer.step()
+    if any(p.requires_grad for p in model.aux_parameters()):  # frozen with the entropy model otherwise
+        aux_optimizer.zero_grad(set_to_none=True)
+        aux.backward()
+        aux_optimizer.step()
     return terms, aux.item(), stepped
 
 
@@ -285,6 +304,7 @@ def run(
     teacher = teacher or FaceTeacher()
     torch.manual_seed(config.seed)  # the initial weights, so a run is reproducible from its config
     model = create_codec_model(config.model).to(memory_format=torch.channels_last)
+    freeze_for(model, config.train)
     if len(config.lambdas) != model.arch.qualities:
         raise ValueError(f"{len(config.lambdas)} lambdas for a model with {model.arch.qualities} qualities")
     criterion = RateDistortionIdentityLoss(teacher, config.lambdas, config.identity_weights)
@@ -423,7 +443,7 @@ def train_command(config: TrainConfig, run_dir: str = "RUN") -> str:
     schedule of them is in its logs, not in its config."""
     flags = {
         "model": "--model", "batch_size": "--batch-size", "seed": "--seed", "lambdas": "--lambdas",
-        "identity_weights": "--identity-weights", "init_from": "--init-from",
+        "identity_weights": "--identity-weights", "init_from": "--init-from", "train": "--train",
     }
     default = TrainConfig()
     parts = ["python", "-m", "facelink.export.codec.train", "--run-dir", run_dir]
@@ -459,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--init-from", type=Path, help="new runs only: start from this checkpoint's model weights"
     )
+    parser.add_argument("--train", choices=TRAINABLE,
+                        help="new runs only: 'decoder' trains the decoder alone, every face keeps its bytes")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--epochs", type=int)
@@ -474,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "lambdas": args.lambdas,
             "identity_weights": args.identity_weights,
             "init_from": str(args.init_from) if args.init_from else None,
+            "train": args.train,
             "threads": args.threads,
             "lr": args.lr,
             "epochs": args.epochs,
