@@ -304,26 +304,26 @@ def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
     from facelink.runtime.recognition import create_recognizer
     from facelink.v1 import gallery_pb2_grpc, recognition_pb2
 
-    bundled = json.loads(bundled_ensembles()["facelink-query-v1"].read_text())
-    folder = bundled_ensembles()["facelink-query-v1"].parent
+    bundled = json.loads(bundled_ensembles()["facelink-query-v2"].read_text())
+    folder = bundled_ensembles()["facelink-query-v2"].parent
     (spec,) = [dict(t, file=str(folder / t["file"])) for t in bundled["transforms"] if t["gallery_model"] == MFN]
     path = tmp_path / "member.json"
     path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True,
-                                "query_manifest": str(folder.parent / "facelink-query-v1.json"),
+                                "query_manifest": str(folder.parent / "facelink-query-v2.json"),
                                 "uncertainty_quantiles": {"0.1": 2.0}}))
     server = server_factory(ensembles=(str(path),))
-    assert list(server.engine.members) == [own_key("facelink-query@v1")]
+    assert list(server.engine.members) == [own_key("facelink-query@v2")]
     gallery = gallery_pb2_grpc.GalleryStub(channel_to(server.address))
-    mfn, query = engine_parts[0], create_recognizer("facelink-query-v1")
+    mfn, query = engine_parts[0], create_recognizer("facelink-query-v2")
     transform = GalleryEnsemble.load(path).transforms[MFN]
     for name in ENROLLED:
         gallery.Enroll(enroll_request(name), timeout=60)
         records = {r.model_id: r for r in server.engine.gallery.templates_of(name)}
-        assert own_key("facelink-query@v1") in records
+        assert own_key("facelink-query@v2") in records
         image = decode_image(lfw_image(name, 1).read_bytes())
         landmarks = largest(engine_parts[1].detect(image)).landmarks
         expected = 1 - float(transform(mfn.embed(image, landmarks))[0] @ query.embed(image, landmarks))
-        assert records["facelink-query@v1"].uncertainty == pytest.approx(expected, abs=2e-3)
+        assert records["facelink-query@v2"].uncertainty == pytest.approx(expected, abs=2e-3)
 
     edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1], query=query)
     stream = Stream(channel_to(server.address))
