@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch", reason="export.codec needs torch (make test-export)")
+pytest.importorskip("torch", reason="the codec's training side needs torch (pip install '.[export]')")
 
 from facelink.export.codec.prior_study import contexts, cross_entropy_bytes  # noqa: E402
 
