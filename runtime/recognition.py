@@ -98,6 +98,11 @@ class _RecognizerBase:
         raise NotImplementedError
 
 
+#: Faces per ONNX Runtime call for models with a dynamic batch: past a few dozen the throughput
+#: no longer grows (benchmarks/results/latency.json), while the memory does, linearly.
+MAX_BATCH = 64
+
+
 class OnnxRecognizer(_RecognizerBase):
     """Any ONNX recogniser described by a manifest (MobileFaceNet, ArcFace R50/R100, ...)."""
 
@@ -113,8 +118,10 @@ class OnnxRecognizer(_RecognizerBase):
         shape = getattr(self.backend, "session", None)
         batch = shape.get_inputs()[0].shape[0] if shape is not None else None
         # Models exported with a fixed batch of 1 (MobileFaceNet from ../shared is) run one
-        # face at a time; a dynamic batch dimension takes the whole stack in one call.
-        self._max_batch = batch if isinstance(batch, int) and batch > 0 else 0
+        # face at a time; a dynamic batch dimension takes up to MAX_BATCH faces a call. Not the
+        # whole stack: ONNX Runtime holds every activation of a call at once, and LFW's 7,701
+        # faces in one call took 24 GB at 96x96 (the kernel killed the training run).
+        self._max_batch = batch if isinstance(batch, int) and batch > 0 else MAX_BATCH
 
     def preprocess(self, crops: np.ndarray) -> np.ndarray:
         spec = self.manifest.input
@@ -131,7 +138,7 @@ class OnnxRecognizer(_RecognizerBase):
 
     def _forward(self, crops: np.ndarray) -> np.ndarray:
         x = self.preprocess(crops)
-        if self._max_batch and len(x) > self._max_batch:
+        if len(x) > self._max_batch:
             chunks = [x[i : i + self._max_batch] for i in range(0, len(x), self._max_batch)]
             return np.concatenate([self.backend.run({self._input_name: c})[0] for c in chunks])
         return self.backend.run({self._input_name: x})[0]

@@ -93,3 +93,22 @@ def test_template_matches_input_size(tmp_path: Path) -> None:
     manifest = load_manifest(write(tmp_path, VALID))
     assert manifest.template.size == (112, 112)
     np.testing.assert_allclose(manifest.template.points[0], [38.3, 51.7], atol=1e-5)
+
+
+def test_a_dynamic_batch_recogniser_embeds_a_large_stack_in_bounded_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled query model has a dynamic batch: LFW's 7,701 faces in one ONNX Runtime call
+    once took 24 GB. Calls are capped at MAX_BATCH faces, and the result is the same."""
+    import numpy as np
+
+    from facelink.runtime import recognition
+    from facelink.runtime.recognition import create_recognizer
+
+    recognizer = create_recognizer("facelink-query-v2")
+    side = recognizer.manifest.input.width
+    faces = np.random.default_rng(0).integers(0, 256, size=(150, side, side, 3), dtype=np.uint8)
+    reference = np.concatenate([recognizer.embed_aligned(faces[i : i + 10]) for i in range(0, 150, 10)])
+    sizes: list[int] = []
+    run = recognizer.backend.run
+    monkeypatch.setattr(recognizer.backend, "run", lambda feeds: sizes.append(len(next(iter(feeds.values())))) or run(feeds))
+    assert np.allclose(recognizer.embed_aligned(faces), reference, atol=1e-5)
+    assert max(sizes) == recognition.MAX_BATCH and sum(sizes) == 150
