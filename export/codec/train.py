@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -45,6 +46,10 @@ from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
 from .model import CODEC_MODELS, FaceCodecModel, create_codec_model
 from .teacher import FaceTeacher, template_matrices, warp_to_template
+
+
+#: What a run trains: everything, or the decoder alone (see TrainConfig.train).
+Trainable = Literal["all", "decoder"]
 
 
 @dataclass
@@ -79,7 +84,7 @@ class TrainConfig:
     # gains and the entropy model stay frozen, so every face codes to the very same bytes and a
     # loss weighted towards identity costs no rate: the decoder can only get better at what
     # the bits already carry. Meant with --init-from.
-    train: str = "all"
+    train: Trainable = "all"
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -122,7 +127,7 @@ def load_checkpoint(
     return Progress(**state["progress"])
 
 
-TRAINABLE = ("all", "decoder")
+TRAINABLE: tuple[str, ...] = get_args(Trainable)
 
 
 def freeze_for(model: FaceCodecModel, train: str) -> None:
