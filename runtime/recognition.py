@@ -98,8 +98,8 @@ class _RecognizerBase:
         raise NotImplementedError
 
 
-#: Faces per ONNX Runtime call for models with a dynamic batch: past a few dozen the throughput
-#: no longer grows (benchmarks/results/latency.json), while the memory does, linearly.
+#: Faces per ONNX Runtime call for models with a dynamic batch: the memory grows linearly with
+#: the batch, the throughput does not (the latency benchmark's best batch is 16 or less).
 MAX_BATCH = 64
 
 

@@ -40,7 +40,7 @@ def test_query_model_costs_at_least_4x_fewer_macs_than_mobilefacenet() -> None:
     assert query_cost.params < 1.0e6
     if SHARED_MOBILEFACENET.is_file():
         assert count_model(SHARED_MOBILEFACENET).macs == mobilefacenet_cost.macs
-    # The full-width model fits the budget in one pass against MobileFaceNet's two (face + mirror).
+    # The larger query models fit the budget in one pass against MobileFaceNet's two (face + mirror).
     for name in ("mfn64", "mfn96-half"):
         size = create_query_model(name).arch.input_size
         assert 2 * mobilefacenet_cost.macs >= 4 * count_model(onnx_of(create_query_model(name), size)).macs, name
