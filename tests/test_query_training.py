@@ -141,6 +141,24 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path
     assert (tmp_path / "a" / "train.jsonl").is_file() and (tmp_path / "a" / "config.json").is_file()
 
 
+
+def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_schedule(tmp_path: Path) -> None:
+    cache = tiny_cache()
+    first = train.run(tmp_path / "a", tiny_config(), cache=cache, teacher=tiny_teacher(), with_lfw=False, progress_bar=False)
+    finished = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    restarted = train.make_trainee(tiny_config(), classes=6)
+    train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "a")
+    assert all(torch.equal(finished[k], v) for k, v in restarted.model.state_dict().items())
+    # The continuation is a run of its own: its schedule starts at step 0.
+    second = train.run(tmp_path / "b", tiny_config(init=str(tmp_path / "a" / "checkpoint.pt"), epochs=1), cache=cache,
+                       teacher=tiny_teacher(), with_lfw=False, progress_bar=False)
+    assert first.step > 0 and second.step == first.step // 2
+    with pytest.raises(ValueError, match="mfn64-half checkpoint, this run trains mfn64"):
+        train.init_from_checkpoint(create_query_model("mfn64"), "mfn64", tmp_path / "a")
+    with pytest.raises(ValueError, match="neither mobilefacenet, random nor"):
+        train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "missing")
+
+
 # -- transformations ----------------------------------------------------------------------------------
 def rotated_space(n: int, seed: int) -> PairedEmbeddings:
     """Query embeddings around 40 identity centres; two gallery 'models': random rotations + noise of them."""
@@ -258,3 +276,7 @@ def test_the_exported_manifest_names_the_training_command_of_its_run() -> None:
     config = {**asdict(TrainConfig()), "model": "mfn64", "epochs": 22, "threads": 2}
     assert train_command(config, Path.home() / "runs" / "q") == \
         "python -m facelink.export.query.train --run-dir ~/runs/q --model mfn64 --epochs 22 --threads 2"
+    warm = {**config, "init": str(Path.home() / "runs" / "q" / "checkpoint.pt"), "lr": 3e-4, "epochs": 40}
+    assert train_command(warm, Path.home() / "runs" / "r") == ("python -m facelink.export.query.train --run-dir ~/runs/r "
+                                                              "--model mfn64 --init ~/runs/q/checkpoint.pt --lr 0.0003 "
+                                                              "--epochs 40 --threads 2")

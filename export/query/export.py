@@ -100,7 +100,7 @@ def train_command(config: dict, run_dir: Path) -> str:
     flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
              "identity_weight": "--identity-weight", "seed": "--seed", "epochs": "--epochs", "threads": "--threads"}
     args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
-    return " ".join(["python -m facelink.export.query.train --run-dir", _home_relative(str(run_dir)), *args])
+    return _home_relative(" ".join(["python -m facelink.export.query.train --run-dir", str(run_dir), *args]))
 
 
 def _home_relative(text: str) -> str:

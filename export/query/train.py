@@ -64,7 +64,7 @@ TEACHER_MANIFEST = "mobilefacenet"
 @dataclass
 class TrainConfig:
     model: str = DEFAULT_QUERY_MODEL
-    init: str = "mobilefacenet"        # or "random"
+    init: str = "mobilefacenet"        # or "random", or a run's checkpoint.pt (warm restart)
     batch_size: int = 64
     lr: float = 1e-3                   # peak; cosine decay to lr * final_lr_ratio
     final_lr_ratio: float = 0.01
@@ -179,6 +179,19 @@ def save_checkpoint(path: Path, trainee: Trainee, progress: Progress, config: Tr
     os.replace(tmp, path)
 
 
+def init_from_checkpoint(model: QueryNet, name: str, path: Path) -> None:
+    """A warm restart: the weights of another run's checkpoint (same architecture), a fresh
+    optimiser and schedule -- a longer, "patient" distillation continued from a finished run."""
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"--init {path}: neither mobilefacenet, random nor a run's checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"]["model"] != name:
+        raise ValueError(f"--init {path}: a {state['config']['model']} checkpoint, this run trains {name}")
+    model.load_state_dict(state["model"])
+
+
 def load_checkpoint(path: Path, trainee: Trainee) -> Progress:
     state = torch.load(path, map_location="cpu", weights_only=True)
     trainee.model.load_state_dict(state["model"])
@@ -283,7 +296,7 @@ def run(run_dir: Path, config: TrainConfig, *, max_minutes: float | None = None,
         init_from_mobilefacenet(trainee.model, load_manifest(TEACHER_MANIFEST).weights(),
                                 normalize(unaugmented(cache, np.sort(chosen), query_template(size))))
     elif config.init != "random":
-        raise ValueError(f"unknown init {config.init!r}: mobilefacenet or random")
+        init_from_checkpoint(trainee.model, config.model, Path(config.init).expanduser())
 
     sampler = ViewSampler(cache, train_indices, labels, size, ARCFACE, batch_size=config.batch_size,
                           augment=config.augment, seed=config.seed)
@@ -346,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=f"default {DEFAULT_RUN_DIR}")
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this much wall time")
     parser.add_argument("--model", choices=sorted(QUERY_MODELS), help="new runs only")
-    parser.add_argument("--init", choices=("mobilefacenet", "random"), help="new runs only")
+    parser.add_argument("--init", help="mobilefacenet (pruned, the default), random, or a finished run's directory or "
+                        "checkpoint.pt of the same --model to continue from with a fresh schedule; new runs only")
     parser.add_argument("--batch-size", type=int, help="new runs only")
     parser.add_argument("--lr", type=float, help="peak learning rate; new runs only")
     parser.add_argument("--identity-weight", type=float, help="CosFace term weight (0: off); new runs only")
@@ -368,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides, "augment": config.augment})
+    if config.init not in ("mobilefacenet", "random") and not Path(config.init).expanduser().exists():
+        parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory or checkpoint")
     progress = run(run_dir, config, max_minutes=args.max_minutes, with_lfw=not args.no_lfw)
     print(f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
           f"{progress.samples} samples, {progress.seconds / 3600:.2f} h of training in total", flush=True)
