@@ -153,6 +153,10 @@ def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_sched
     second = train.run(tmp_path / "b", tiny_config(init=str(tmp_path / "a" / "checkpoint.pt"), epochs=1), cache=cache,
                        teacher=tiny_teacher(), with_lfw=False, progress_bar=False)
     assert first.step > 0 and second.step == first.step // 2
+    # The exported manifest names both runs' commands: the weights need the whole chain.
+    from facelink.export.query.export import lineage
+
+    assert [run_dir for run_dir, _, _ in lineage(tmp_path / "b")] == [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(ValueError, match="mfn64-half checkpoint, this run trains mfn64"):
         train.init_from_checkpoint(create_query_model("mfn64"), "mfn64", tmp_path / "a")
     with pytest.raises(ValueError, match="neither mobilefacenet, random nor"):

@@ -85,6 +85,19 @@ def load_trained(run_dir: Path) -> tuple[QueryNet, dict, dict]:
     return model, state["progress"], state["config"]
 
 
+def lineage(run_dir: Path) -> list[tuple[Path, dict, dict]]:
+    """(run directory, config, progress) of the run and of every run it was warm-started from
+    (`--init` a checkpoint), oldest first: what it takes to reproduce the weights."""
+    runs = []
+    while True:
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        runs.append((run_dir, state["config"], state["progress"]))
+        if state["config"].get("init", "mobilefacenet") in ("mobilefacenet", "random"):
+            return runs[::-1]
+        init = Path(state["config"]["init"]).expanduser()
+        run_dir = init if init.is_dir() else init.parent
+
+
 def last_validation(run_dir: Path) -> dict | None:
     path = run_dir / "val.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -120,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flip", action="store_true", help="one pass per face instead of face + mirror")
     args = parser.parse_args(argv)
     run_dir = args.run_dir.expanduser()
-    model, progress, config = load_trained(run_dir)
+    model, _, config = load_trained(run_dir)
     arch = model.arch
     validation = last_validation(run_dir)
     measured = ""
@@ -128,19 +141,24 @@ def main(argv: list[str] | None = None) -> int:
         lfw = validation["lfw"]["flip" if not args.no_flip else "single"]
         measured = (f" LFW View 2 after epoch {validation['epoch']} (the run's own evaluation through this ONNX export): "
                     f"{lfw['accuracy']:.2f}% +- {lfw['accuracy_std']:.2f}, TAR@FAR=1e-3 {lfw['tar_at_far']:.2f}%.")
+    runs = lineage(run_dir)
+    start = "random" if runs[0][1].get("init") == "random" else "MobileFaceNet's"
+    commands = ", then ".join(f"`{train_command(c, d)}`" for d, c, _ in runs)
+    schedules = ", then continued with a fresh schedule " .join(
+        f"({p['epoch']} epochs, {p['samples']} views, {p['seconds'] / 3600:.2f} h on {c.get('threads', 1)} CPU thread(s))"
+        for _, c, p in runs)
     path = write_manifest(
         model, args.out, name=args.name, version=args.version, match_threshold=args.threshold,
         flip_augmentation=not args.no_flip,
-        source=(f"`{train_command(config, run_dir)}` (every other setting: TrainConfig's defaults, export/query/train.py), "
+        source=(f"{commands} (every other setting: TrainConfig's defaults, export/query/train.py), "
                 f"then `python -m facelink.export.query.export "
                 f"{_home_relative(' '.join(sys.argv[1:] if argv is None else argv))}`"),
         description=(f"facelink's query model '{config['model']}': MobileFaceNet's topology with "
                      f"{arch.expand_keep:.0%} of each bottleneck's expansion channels, on the ArcFace face region at "
                      f"{arch.input_size}x{arch.input_size}, {arch.dim}-d, "
                      f"{'one pass a face' if args.no_flip else 'face + mirror'}; "
-                     f"initialised from MobileFaceNet's weights and distilled from it on celeba-dev and LFW training "
-                     f"images ({progress['epoch']} epochs, {progress['samples']} views, "
-                     f"{progress['seconds'] / 3600:.2f} h on {config.get('threads', 1)} CPU thread(s)).{measured}"),
+                     f"initialised from {start} weights and distilled from MobileFaceNet on celeba-dev and LFW training "
+                     f"images {schedules}.{measured}"),
     )
     print(f"wrote {path} and {path.with_suffix('.onnx')} ({path.with_suffix('.onnx').stat().st_size / 1e6:.2f} MB)")
     return 0
