@@ -297,33 +297,35 @@ def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
     `own_key`, and the derived template's uncertainty is 1 - cos(T(m), q) of the picture."""
     from facelink.edge.pipeline import EdgePipeline
     from facelink.edge.sources import Frame
-    from facelink.config import EdgeConfig
+    from facelink.config import DEFAULT_QUERY_MODEL, EdgeConfig
     from facelink.runtime.asymmetric import bundled_ensembles, own_key
     from facelink.runtime.codecs import decode_image
     from facelink.runtime.detection import largest
     from facelink.runtime.recognition import create_recognizer
     from facelink.v1 import gallery_pb2_grpc, recognition_pb2
 
-    bundled = json.loads(bundled_ensembles()["facelink-query-v2"].read_text())
-    folder = bundled_ensembles()["facelink-query-v2"].parent
+    query = create_recognizer(DEFAULT_QUERY_MODEL)
+    query_id = query.manifest.model_id
+    bundled = json.loads(bundled_ensembles()[DEFAULT_QUERY_MODEL].read_text())
+    folder = bundled_ensembles()[DEFAULT_QUERY_MODEL].parent
     (spec,) = [dict(t, file=str(folder / t["file"])) for t in bundled["transforms"] if t["gallery_model"] == MFN]
     path = tmp_path / "member.json"
     path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True,
-                                "query_manifest": str(folder.parent / "facelink-query-v2.json"),
+                                "query_manifest": str(folder.parent / f"{DEFAULT_QUERY_MODEL}.json"),
                                 "uncertainty_quantiles": {"0.1": 2.0}}))
     server = server_factory(ensembles=(str(path),))
-    assert list(server.engine.members) == [own_key("facelink-query@v2")]
+    assert list(server.engine.members) == [own_key(query_id)]
     gallery = gallery_pb2_grpc.GalleryStub(channel_to(server.address))
-    mfn, query = engine_parts[0], create_recognizer("facelink-query-v2")
+    mfn = engine_parts[0]
     transform = GalleryEnsemble.load(path).transforms[MFN]
     for name in ENROLLED:
         gallery.Enroll(enroll_request(name), timeout=60)
         records = {r.model_id: r for r in server.engine.gallery.templates_of(name)}
-        assert own_key("facelink-query@v2") in records
+        assert own_key(query_id) in records
         image = decode_image(lfw_image(name, 1).read_bytes())
         landmarks = largest(engine_parts[1].detect(image)).landmarks
         expected = 1 - float(transform(mfn.embed(image, landmarks))[0] @ query.embed(image, landmarks))
-        assert records["facelink-query@v2"].uncertainty == pytest.approx(expected, abs=2e-3)
+        assert records[query_id].uncertainty == pytest.approx(expected, abs=2e-3)
 
     edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1], query=query)
     stream = Stream(channel_to(server.address))

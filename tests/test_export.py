@@ -169,7 +169,9 @@ def test_an_ensemble_transform_exports_on_its_gallery_models_embeddings(tmp_path
     from facelink.export.deploy.source import resolve_source
     from facelink.runtime.asymmetric import GalleryEnsemble
 
-    source = resolve_source("ensemble-facelink-query-v2:mobilefacenet@ms1m-1")
+    from facelink.config import DEFAULT_QUERY_MODEL
+
+    source = resolve_source(f"ensemble-{DEFAULT_QUERY_MODEL}:mobilefacenet@ms1m-1")
     assert source.gallery_model == "mobilefacenet@ms1m-1"
     exported = export_onnx(source, ExportOptions(precision="fp16", parity_count=4), tmp_path)
     (row,) = exported.parity

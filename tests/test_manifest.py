@@ -103,7 +103,9 @@ def test_a_dynamic_batch_recogniser_embeds_a_large_stack_in_bounded_calls(monkey
     from facelink.runtime import recognition
     from facelink.runtime.recognition import create_recognizer
 
-    recognizer = create_recognizer("facelink-query-v2")
+    from facelink.config import DEFAULT_QUERY_MODEL
+
+    recognizer = create_recognizer(DEFAULT_QUERY_MODEL)
     side = recognizer.manifest.input.width
     faces = np.random.default_rng(0).integers(0, 256, size=(150, side, side, 3), dtype=np.uint8)
     reference = np.concatenate([recognizer.embed_aligned(faces[i : i + 10]) for i in range(0, 150, 10)])
