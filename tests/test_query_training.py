@@ -150,7 +150,7 @@ def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_sched
     train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "a")
     assert all(torch.equal(finished[k], v) for k, v in restarted.model.state_dict().items())
     # The continuation is a run of its own: its schedule starts at step 0.
-    second = train.run(tmp_path / "b", tiny_config(init=str(tmp_path / "a" / "checkpoint.pt"), epochs=1), cache=cache,
+    second = train.run(tmp_path / "b", tiny_config(init=str(tmp_path / "a" / "checkpoint.pt"), epochs=1, view_seed=1), cache=cache,
                        teacher=tiny_teacher(), with_lfw=False, progress_bar=False)
     assert first.step > 0 and second.step == first.step // 2
     # The exported manifest names both runs' commands: the weights need the whole chain.
@@ -280,7 +280,7 @@ def test_the_exported_manifest_names_the_training_command_of_its_run() -> None:
     config = {**asdict(TrainConfig()), "model": "mfn64", "epochs": 22, "threads": 2}
     assert train_command(config, Path.home() / "runs" / "q") == \
         "python -m facelink.export.query.train --run-dir ~/runs/q --model mfn64 --epochs 22 --threads 2"
-    warm = {**config, "init": str(Path.home() / "runs" / "q" / "checkpoint.pt"), "lr": 3e-4, "epochs": 40}
+    warm = {**config, "init": str(Path.home() / "runs" / "q" / "checkpoint.pt"), "lr": 3e-4, "epochs": 40, "view_seed": 1}
     assert train_command(warm, Path.home() / "runs" / "r") == ("python -m facelink.export.query.train --run-dir ~/runs/r "
                                                               "--model mfn64 --init ~/runs/q/checkpoint.pt --lr 0.0003 "
-                                                              "--epochs 40 --threads 2")
+                                                              "--view-seed 1 --epochs 40 --threads 2")

@@ -111,7 +111,7 @@ def train_command(config: dict, run_dir: Path) -> str:
 
     defaults = asdict(TrainConfig())
     flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
-             "identity_weight": "--identity-weight", "seed": "--seed", "epochs": "--epochs", "threads": "--threads"}
+             "identity_weight": "--identity-weight", "seed": "--seed", "view_seed": "--view-seed", "epochs": "--epochs", "threads": "--threads"}
     args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
     return _home_relative(" ".join(["python -m facelink.export.query.train --run-dir", str(run_dir), *args]))
 

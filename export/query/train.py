@@ -25,7 +25,7 @@ A run directory holds everything about one run:
 * `split.json`     -- the held-out identities;
 * `eval/`          -- the latest epoch's ONNX export and manifest (what `val.jsonl` measured).
 
-A run directory with a checkpoint resumes from it. Batches are drawn from (seed, epoch, batch
+A run directory with a checkpoint resumes from it. Batches are drawn from (view seed, epoch, batch
 number) and nothing else is random, so a resumed run continues exactly where it stopped.
 """
 
@@ -77,7 +77,10 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     val_identities: int = 32
     init_images: int = 256             # training faces on which pruning importance is measured
-    seed: int = 0
+    seed: int = 0                      # the held-out identities, the model's random parts, the views
+    # The views alone (None: `seed`). A warm restart keeps `seed`, so that it holds out the same
+    # people, but should not replay the finished run's views epoch for epoch: give it its own.
+    view_seed: int | None = None
     threads: int = 1
     log_every: int = 25
     checkpoint_minutes: float = 4.0
@@ -299,7 +302,7 @@ def run(run_dir: Path, config: TrainConfig, *, max_minutes: float | None = None,
         init_from_checkpoint(trainee.model, config.model, Path(config.init).expanduser())
 
     sampler = ViewSampler(cache, train_indices, labels, size, ARCFACE, batch_size=config.batch_size,
-                          augment=config.augment, seed=config.seed)
+                          augment=config.augment, seed=config.seed if config.view_seed is None else config.view_seed)
     evaluation = build_evaluation(cache, val_indices, trainee.model, run_dir, with_lfw)
     params = sum(p.numel() for p in trainee.model.parameters())
     print(f"{len(cache)} crops: {len(train_indices)} train ({len(classes)} identities), {len(val_indices)} held out; "
@@ -364,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="new runs only")
     parser.add_argument("--lr", type=float, help="peak learning rate; new runs only")
     parser.add_argument("--identity-weight", type=float, help="CosFace term weight (0: off); new runs only")
-    parser.add_argument("--seed", type=int, help="new runs only")
+    parser.add_argument("--seed", type=int, help="held-out identities, initialisation and views; new runs only")
+    parser.add_argument("--view-seed", type=int, help="the augmented views alone (default: --seed); new runs only")
     parser.add_argument("--epochs", type=int, help="the cosine schedule's length (changing it on resume bends the schedule)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default 1: leaves a core to other jobs)")
     parser.add_argument("--no-lfw", action="store_true", help="skip the per-epoch LFW View 2 evaluation")
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.run_dir.expanduser()
     overrides = {k: v for k, v in {"model": args.model, "init": args.init, "batch_size": args.batch_size, "lr": args.lr,
-                                   "identity_weight": args.identity_weight, "seed": args.seed, "threads": args.threads,
+                                   "identity_weight": args.identity_weight, "seed": args.seed, "view_seed": args.view_seed, "threads": args.threads,
                                    "epochs": args.epochs}.items() if v is not None}
     if (run_dir / "checkpoint.pt").is_file():
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
