@@ -51,7 +51,7 @@ Sets:
   (whose shared classifier learned their identities): reported for comparison only.
   View 2 itself never contains a training picture, but 563 of its people have training pictures.
 * `celeba`: the held-out identities of the training runs: `val_identities` of
-  runs/query-v2/split.json intersected with runs/codec-v1/split.json (both 32 identities drawn by
+  runs/query-v4/split.json intersected with runs/codec-v1/split.json (both 32 identities drawn by
   `export.query.data.split_by_identity`, seed 0; the transforms are trained on the query run's
   split too). Pictures where YuNet finds no face are left out (CelebA pictures are not aligned,
   so there is no fallback) and counted. Verification: `rate_accuracy.celeba_pairs` (10
@@ -123,7 +123,7 @@ DEFAULT_PLOT = reporting.RESULTS_DIR / "asymmetric_risk_coverage.png"
 DEFAULT_ENSEMBLE = DEFAULT_QUERY_MODEL  # an ensemble manifest is named after its query model
 DEFAULT_TEACHER = "mobilefacenet"
 #: The training runs whose held-out celeba-dev identities make the CelebA set.
-DEFAULT_SPLITS = (cache_dir() / "runs" / "query-v2" / "split.json", cache_dir() / "runs" / "codec-v1" / "split.json")
+DEFAULT_SPLITS = (cache_dir() / "runs" / "query-v4" / "split.json", cache_dir() / "runs" / "codec-v1" / "split.json")
 DIR_FAR = 0.01
 REJECTION_AT = 0.10
 REJECTION_TARGET = 0.174   # the published relative error reduction at 10% rejection
@@ -910,7 +910,7 @@ def format_report(payload: dict[str, Any], models: Models) -> str:
             if "calibrated_threshold" in rej:
                 c = rej["calibrated_threshold"]
                 lines.append(f"\nthe ensemble manifest's threshold for {c['fraction']:.0%} ({c['threshold']:.4f}, "
-                             f"calibrated on the transforms' training faces) flags {100 * c['flags_here']:.1f}% of this gallery.")
+                             f"calibrated on the held-out celeba-dev faces) flags {100 * c['flags_here']:.1f}% of this gallery.")
         lines += ["", "targets:", *targets(result, payload["costs"], models)]
     q = payload["costs"].get(models.query.model_id, {})
     t = payload["costs"].get(models.teacher, {})
@@ -982,7 +982,7 @@ Embeddings are cached under ~/.cache/facelink/embeddings/ ($FACELINK_CACHE).""",
         epilog="""\
 examples:
   facelink bench asymmetric
-  facelink bench asymmetric -- --ensemble path/to/asymmetric/facelink-query-v2.json
+  facelink bench asymmetric -- --ensemble path/to/asymmetric/facelink-query-v4.json
   facelink bench asymmetric -- --sets lfw --lfw-people all --json /tmp/a.json --plot /tmp/a.png
   facelink bench asymmetric -- --sets lfw --limit-pairs 2 --limit-people 20 --timing-faces 5   # smoke test""",
     )

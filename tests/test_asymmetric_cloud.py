@@ -310,7 +310,7 @@ def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
     folder = bundled_ensembles()[DEFAULT_QUERY_MODEL].parent
     (spec,) = [dict(t, file=str(folder / t["file"])) for t in bundled["transforms"] if t["gallery_model"] == MFN]
     path = tmp_path / "member.json"
-    path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True,
+    path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True, "member_weights": {},
                                 "query_manifest": str(folder.parent / f"{DEFAULT_QUERY_MODEL}.json"),
                                 "uncertainty_quantiles": {"0.1": 2.0}}))
     server = server_factory(ensembles=(str(path),))
