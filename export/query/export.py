@@ -88,8 +88,10 @@ def load_trained(run_dir: Path) -> tuple[QueryNet, dict, dict]:
 def lineage(run_dir: Path) -> list[tuple[Path, dict, dict]]:
     """(run directory, config, progress) of the run and of every run it was warm-started from
     (`--init` a checkpoint), oldest first: what it takes to reproduce the weights."""
-    runs = []
+    runs: list[tuple[Path, dict, dict]] = []
     while True:
+        if any(run_dir.resolve() == seen.resolve() for seen, _, _ in runs):
+            raise ValueError(f"{run_dir}: its runs' --init checkpoints form a loop")
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         runs.append((run_dir, state["config"], state["progress"]))
         if state["config"].get("init", "mobilefacenet") in ("mobilefacenet", "random"):
@@ -111,7 +113,8 @@ def train_command(config: dict, run_dir: Path) -> str:
 
     defaults = asdict(TrainConfig())
     flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
-             "identity_weight": "--identity-weight", "seed": "--seed", "view_seed": "--view-seed", "epochs": "--epochs", "threads": "--threads"}
+             "identity_weight": "--identity-weight", "seed": "--seed", "view_seed": "--view-seed",
+             "epochs": "--epochs", "threads": "--threads"}
     args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
     return _home_relative(" ".join(["python -m facelink.export.query.train --run-dir", str(run_dir), *args]))
 
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = lineage(run_dir)
     start = "random" if runs[0][1].get("init") == "random" else "MobileFaceNet's"
     commands = ", then ".join(f"`{train_command(c, d)}`" for d, c, _ in runs)
-    schedules = ", then continued with a fresh schedule " .join(
+    schedules = ", then continued with a fresh schedule ".join(
         f"({p['epoch']} epochs, {p['samples']} views, {p['seconds'] / 3600:.2f} h on {c.get('threads', 1)} CPU thread(s))"
         for _, c, p in runs)
     path = write_manifest(

@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.run_dir.expanduser()
     overrides = {k: v for k, v in {"model": args.model, "init": args.init, "batch_size": args.batch_size, "lr": args.lr,
-                                   "identity_weight": args.identity_weight, "seed": args.seed, "view_seed": args.view_seed, "threads": args.threads,
-                                   "epochs": args.epochs}.items() if v is not None}
+                                   "identity_weight": args.identity_weight, "seed": args.seed, "view_seed": args.view_seed,
+                                   "threads": args.threads, "epochs": args.epochs}.items() if v is not None}
     if (run_dir / "checkpoint.pt").is_file():
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         fixed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and v != getattr(config, k)}
