@@ -938,7 +938,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         rej = result["rejection"]
         x = 100 * np.array(rej["fractions"])
         for j, (key, title) in enumerate((("risk", "rank-1 error (selective risk)"),
-                                          ("open_set_error", "open-set error at the r=0 DIR@FAR=1% threshold"))):
+                                          ("open_set_error", "open-set error at the DIR@FAR=1% threshold"))):
             ax = axes[i][j]
             ours = 100 * np.array([p[key] for p in rej["uncertainty"]])
             mean = 100 * np.array(rej["random"][f"{key}_mean"])
