@@ -88,13 +88,15 @@ def load_trained(run_dir: Path) -> tuple[QueryNet, dict, dict]:
 def lineage(run_dir: Path) -> list[tuple[Path, dict, dict]]:
     """(run directory, config, progress) of the run and of every run it was warm-started from
     (`--init` a checkpoint), oldest first: what it takes to reproduce the weights."""
+    from .train import FRESH_INITS  # train imports this module (it writes manifests)
+
     runs: list[tuple[Path, dict, dict]] = []
     while True:
         if any(run_dir.resolve() == seen.resolve() for seen, _, _ in runs):
             raise ValueError(f"{run_dir}: its runs' --init checkpoints form a loop")
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         runs.append((run_dir, state["config"], state["progress"]))
-        if state["config"].get("init", "mobilefacenet") in ("mobilefacenet", "random"):
+        if state["config"].get("init", "mobilefacenet") in FRESH_INITS:
             return runs[::-1]
         init = Path(state["config"]["init"]).expanduser()
         run_dir = init if init.is_dir() else init.parent

@@ -58,6 +58,8 @@ from .export import write_manifest
 from .model import DEFAULT_QUERY_MODEL, MEAN, QUERY_MODELS, STD, QueryNet, create_query_model, full_mobilefacenet, init_from_mobilefacenet
 
 DEFAULT_RUN_DIR = cache_dir() / "runs" / "query-v1"
+#: `TrainConfig.init` values that start from scratch weights; anything else names a checkpoint.
+FRESH_INITS = ("mobilefacenet", "random")
 TEACHER_MANIFEST = "mobilefacenet"
 
 
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides, "augment": config.augment})
-    if config.init not in ("mobilefacenet", "random") and not Path(config.init).expanduser().exists():
+    if config.init not in FRESH_INITS and not Path(config.init).expanduser().exists():
         parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory or checkpoint")
     progress = run(run_dir, config, max_minutes=args.max_minutes, with_lfw=not args.no_lfw)
     print(f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
