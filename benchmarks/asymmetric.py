@@ -674,14 +674,18 @@ def build_rows(models: Models, embedded: dict[str, Embedded]) -> tuple[list[Row]
     if own in models.ensemble.member_models:  # the query model is a member: its own view of each picture
         stored[own] = q
     transformed = models.ensemble.transform(stored)
+    # A member joining through the identity (`transforms --identity`) is its raw embedding, not T(m).
+    raw = {t.gallery_model for t in models.ensemble.manifest.transforms if t.identity}
+    side = {m: f"{q_id} itself" if m == own else f"{m} (raw)" if m in raw else f"T({m})" for m in transformed.models}
     rows = [Row("query symmetric", "symmetric", q_id, q_id, q, q)]
     for m in models.galleries:
         rows.append(Row(f"{m} symmetric", "symmetric", m, m, embedded[m].embeddings, embedded[m].embeddings))
     for k, m in enumerate(transformed.models):
-        if m != own:  # the identity member's row is "query symmetric"
-            rows.append(Row(f"query vs T({m})", "asymmetric", q_id, f"T({m})", q, transformed.members[:, k]))
+        # The query model's own member is "query symmetric"; the raw teacher, the distillation baseline.
+        if m != own and not (m in raw and m == models.teacher):
+            rows.append(Row(f"query vs {side[m]}", "asymmetric", q_id, side[m], q, transformed.members[:, k]))
     if len(transformed.models) > 1:
-        parts = [f"T({m})" if m != own else f"{q_id} itself" for m in transformed.models]
+        parts = [side[m] for m in transformed.models]
         weights = models.ensemble.weights(transformed.models)
         mean = "mean of " if weights is None else "weighted mean (" + "/".join(f"{w:g}" for w in weights) + ") of "
         rows.append(Row("query vs ensemble", "ensemble", q_id, mean + " + ".join(parts), q, transformed.vectors))

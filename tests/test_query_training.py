@@ -251,7 +251,9 @@ def test_an_identity_member_trains_nothing_writes_no_file_and_joins_as_it_is(tmp
     data = PairedEmbeddings(data.query, {**data.galleries, "a@1": data.query}, data.labels)  # a@1 shares the query space
     trained = train_transforms(data, TransformConfig(hidden=16, epochs=1, batch_size=128), identity=("a@1",))
     assert isinstance(trained.transforms["a@1"], IdentityTransform)
-    assert "query vs b@1 (raw)" not in evaluate(trained, data)  # 96-d: no raw row to compare with
+    rows = evaluate(trained, data)
+    assert "query vs b@1 (raw)" not in rows  # 96-d: no raw row to compare with
+    assert "query vs a@1 (raw)" in rows and "query vs T(a@1)" not in rows  # the identity member is named as it is
     with pytest.raises(ValueError, match="not 64-d"):
         train_transforms(data, TransformConfig(epochs=1), identity=("b@1",))
     with pytest.raises(ValueError, match="not a gallery model"):

@@ -253,9 +253,11 @@ def evaluate(trained: TrainedTransforms, data: PairedEmbeddings, query_member: b
     for name, g in data.galleries.items():
         rows[f"{name} symmetric"] = verification(unit(g), unit(g), data.labels)
     for name, t in transformed.items():
-        rows[f"query vs T({name})"] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
+        identity = isinstance(trained.transforms[name], IdentityTransform)
+        label = f"query vs {name} (raw)" if identity else f"query vs T({name})"
+        rows[label] = {"cos": round(float(np.einsum("ij,ij->i", t, q).mean()), 5), **verification(q, t, data.labels)}
         g = unit(data.galleries[name])
-        if g.shape[1] == q.shape[1] and not isinstance(trained.transforms[name], IdentityTransform):
+        if g.shape[1] == q.shape[1] and not identity:
             rows[f"query vs {name} (raw)"] = {"cos": round(float(np.einsum("ij,ij->i", g, q).mean()), 5),
                                              **verification(q, g, data.labels)}
     members = ensemble_members(trained, data, query_member)
