@@ -41,7 +41,7 @@ def test_query_model_costs_at_least_4x_fewer_macs_than_mobilefacenet() -> None:
     if SHARED_MOBILEFACENET.is_file():
         assert count_model(SHARED_MOBILEFACENET).macs == mobilefacenet_cost.macs
     # The larger query models fit the budget in one pass against MobileFaceNet's two (face + mirror).
-    for name in ("mfn64", "mfn96-half"):
+    for name in ("mfn64", "mfn72", "mfn96-half"):
         size = create_query_model(name).arch.input_size
         assert 2 * mobilefacenet_cost.macs >= 4 * count_model(onnx_of(create_query_model(name), size)).macs, name
 
@@ -161,6 +161,38 @@ def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_sched
         train.init_from_checkpoint(create_query_model("mfn64"), "mfn64", tmp_path / "a")
     with pytest.raises(ValueError, match="neither mobilefacenet, random nor"):
         train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "missing")
+
+
+
+def test_a_warm_restart_may_raise_the_input_size_and_resamples_only_the_global_depthwise_kernel(tmp_path: Path) -> None:
+    from facelink.export.query.model import resample_gdconv
+
+    config = tiny_config(model="mfn64")
+    torch.manual_seed(0)
+    source = train.make_trainee(config, classes=6)
+    train.save_checkpoint(tmp_path / "checkpoint.pt", source, train.Progress(), config)
+    larger = create_query_model("mfn72")
+    train.init_from_checkpoint(larger, "mfn72", tmp_path)
+    before, after = source.model.state_dict(), larger.state_dict()
+    assert before["gdconv.weight"].shape[-1] == 4 and after["gdconv.weight"].shape[-1] == 5
+    assert all(torch.equal(before[k], v) for k, v in after.items() if k != "gdconv.weight")
+    assert torch.equal(after["gdconv.weight"], resample_gdconv(before["gdconv.weight"], 5))
+    with pytest.raises(ValueError, match="may change the input size, nothing else"):
+        train.init_from_checkpoint(create_query_model("mfn96-half"), "mfn96-half", tmp_path)
+
+
+def test_a_resampled_global_depthwise_kernel_weighs_a_uniform_feature_map_as_before() -> None:
+    """Down (MobileFaceNet's 7x7 to 4x4) and up (mfn64's 4x4 to mfn72's 5x5): a kernel that is
+    uniform keeps its total weight exactly, so a uniform map gives the same output; any kernel keeps
+    it roughly (the cells of a non-divisible size overlap)."""
+    from facelink.export.query.model import resample_gdconv
+
+    for k, size in ((7, 4), (4, 5), (4, 4)):
+        uniform = torch.full((3, 1, k, k), 0.5)
+        assert torch.allclose(resample_gdconv(uniform, size).sum((1, 2, 3)), uniform.sum((1, 2, 3)))
+        kernel = torch.rand(64, 1, k, k, generator=torch.Generator().manual_seed(k))
+        ratio = resample_gdconv(kernel, size).sum((1, 2, 3)) / kernel.sum((1, 2, 3))
+        assert resample_gdconv(kernel, size).shape == (64, 1, size, size) and ratio.sub(1).abs().max() < 0.25
 
 
 # -- transformations ----------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ QUERY_MODELS: dict[str, QueryArch] = {
     # Half the expansion channels at 96 px: 94 M MACs a pass (4.9x fewer than MobileFaceNet's
     # two), trading width for the resolution at which MobileFaceNet's filters were trained.
     "mfn96-half": QueryArch(input_size=96, expand_keep=0.5),
+    # Full width at 72 px (feature maps 36, 18, 9, 5): the largest input in the 4x budget with one
+    # pass a face (80 px costs 1.56x mfn64, over it). Meant to continue an mfn64 run (`--init`).
+    "mfn72": QueryArch(input_size=72, expand_keep=1.0),
 }
 DEFAULT_QUERY_MODEL = "mfn64-half"
 
@@ -185,9 +188,10 @@ def full_mobilefacenet(onnx_path: str | Path, input_size: int = 112) -> QueryNet
 def resample_gdconv(weight: Tensor, size: int) -> Tensor:
     """A (C, 1, k, k) global depthwise kernel resampled to (C, 1, size, size).
 
-    The kernel weighs each position of the last feature map; on a smaller map each new cell covers
-    (k / size)^2 old ones, so we area-average and scale by that ratio: a feature map that is the
-    same smooth function of position gives the same output.
+    The kernel weighs each position of the last feature map; on a map of another size each new
+    cell covers (k / size)^2 old ones, so we area-average and scale by that ratio: a feature map
+    that is the same smooth function of position gives the same output (on a larger map the
+    average runs over the old cells each new one overlaps).
     """
     k = weight.shape[-1]
     resized = nn.functional.adaptive_avg_pool2d(weight, size)

@@ -9,8 +9,9 @@ by default, because 1,650 of the ~2,200 training identities have a single pictur
 tail) and the teacher, trained on MS-Celeb-1M, already knows identity far better than those
 labels can teach.
 
-The student starts from MobileFaceNet's weights, pruned (`model.init_from_mobilefacenet`), and
-is trained with Adam, a linear warm-up and a cosine decay over `epochs`.
+The student starts from MobileFaceNet's weights, pruned (`model.init_from_mobilefacenet`), or
+from another run's (`--init`: a warm restart, possibly at a larger input size), and is trained
+with Adam, a linear warm-up and a cosine decay over `epochs`.
 
 A run directory holds everything about one run:
 
@@ -37,7 +38,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,17 @@ from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
 from .export import write_manifest
-from .model import DEFAULT_QUERY_MODEL, MEAN, QUERY_MODELS, STD, QueryNet, create_query_model, full_mobilefacenet, init_from_mobilefacenet
+from .model import (
+    DEFAULT_QUERY_MODEL,
+    MEAN,
+    QUERY_MODELS,
+    STD,
+    QueryNet,
+    create_query_model,
+    full_mobilefacenet,
+    init_from_mobilefacenet,
+    resample_gdconv,
+)
 
 DEFAULT_RUN_DIR = cache_dir() / "runs" / "query-v1"
 #: `TrainConfig.init` values that start from scratch weights; anything else names a checkpoint.
@@ -185,16 +196,28 @@ def save_checkpoint(path: Path, trainee: Trainee, progress: Progress, config: Tr
 
 
 def init_from_checkpoint(model: QueryNet, name: str, path: Path) -> None:
-    """A warm restart: the weights of another run's checkpoint (same architecture), a fresh
-    optimiser and schedule -- a longer, "patient" distillation continued from a finished run."""
+    """A warm restart: the weights of another run's checkpoint, a fresh optimiser and schedule --
+    a longer, "patient" distillation continued from a finished run.
+
+    The checkpoint's architecture must be this run's, or differ only in input size: every
+    convolution but the global depthwise one is blind to the size of its input, and that one is
+    resampled to the new last feature map (`resample_gdconv`), so a model can continue at a
+    higher resolution from what it learned at a lower one."""
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"--init {path}: neither mobilefacenet, random nor a run's checkpoint.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"]["model"] != name:
-        raise ValueError(f"--init {path}: a {state['config']['model']} checkpoint, this run trains {name}")
-    model.load_state_dict(state["model"])
+    source = state["config"]["model"]
+    if source != name:
+        arch = QUERY_MODELS.get(source)
+        if arch is None or replace(arch, input_size=model.arch.input_size) != model.arch:
+            raise ValueError(f"--init {path}: a {source} checkpoint, this run trains {name} "
+                             "(a warm restart may change the input size, nothing else)")
+    weights = dict(state["model"])
+    if weights["gdconv.weight"].shape != model.gdconv.weight.shape:
+        weights["gdconv.weight"] = resample_gdconv(weights["gdconv.weight"], model.arch.feature_size)
+    model.load_state_dict(weights)
 
 
 def load_checkpoint(path: Path, trainee: Trainee) -> Progress:
@@ -365,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this much wall time")
     parser.add_argument("--model", choices=sorted(QUERY_MODELS), help="new runs only")
     parser.add_argument("--init", help="mobilefacenet (pruned, the default), random, or a finished run's directory or "
-                        "checkpoint.pt of the same --model to continue from with a fresh schedule; new runs only")
+                        "checkpoint.pt to continue from with a fresh schedule (same --model, or one that differs only in "
+                        "input size, e.g. mfn64 -> mfn72); new runs only")
     parser.add_argument("--batch-size", type=int, help="new runs only")
     parser.add_argument("--lr", type=float, help="peak learning rate; new runs only")
     parser.add_argument("--identity-weight", type=float, help="CosFace term weight (0: off); new runs only")
