@@ -50,10 +50,10 @@ Sets:
   distractors) -- 5,532 of them are training pictures of the query model and of the transforms
   (whose shared classifier learned their identities): reported for comparison only.
   View 2 itself never contains a training picture, but 563 of its people have training pictures.
-* `celeba`: the held-out identities of the training runs: `val_identities` of
-  runs/query-v4/split.json intersected with runs/codec-v1/split.json (both 32 identities drawn by
-  `export.query.data.split_by_identity`, seed 0; the transforms are trained on the query run's
-  split too). Pictures where YuNet finds no face are left out (CelebA pictures are not aligned,
+* `celeba`: the held-out identities of the training runs: the 32 identities that every query
+  and codec run draws with `export.query.data.split_by_identity` (seed 0) and records in its
+  split.json, copied to benchmarks/splits/celeba_held_out.json (the transforms are trained on
+  that split too; `--celeba-split` takes run split.json files instead, intersected). Pictures where YuNet finds no face are left out (CelebA pictures are not aligned,
   so there is no fallback) and counted. Verification: `rate_accuracy.celeba_pairs` (10
   identity-disjoint folds, sha256-ranked pairs) on these pictures with the largest per-fold
   count of (300, 200, 100, 50) they can fill. 1:N: no held-out identity has a single picture, so
@@ -93,7 +93,7 @@ from typing import Any
 
 import numpy as np
 
-from facelink.config import DEFAULT_QUERY_MODEL, BackendConfig, CanonicalCrop, DetectorConfig, cache_dir
+from facelink.config import DEFAULT_QUERY_MODEL, BackendConfig, CanonicalCrop, DetectorConfig
 from facelink.datasets import LFW, CelebADev, DatasetNotFoundError, Pair
 
 from . import reporting
@@ -123,7 +123,9 @@ DEFAULT_PLOT = reporting.RESULTS_DIR / "asymmetric_risk_coverage.png"
 DEFAULT_ENSEMBLE = DEFAULT_QUERY_MODEL  # an ensemble manifest is named after its query model
 DEFAULT_TEACHER = "mobilefacenet"
 #: The training runs whose held-out celeba-dev identities make the CelebA set.
-DEFAULT_SPLITS = (cache_dir() / "runs" / "query-v4" / "split.json", cache_dir() / "runs" / "codec-v1" / "split.json")
+#: The held-out celeba-dev identities of every training run (their split.json files agree), in the
+#: repository so the CelebA set needs no training run on this machine.
+DEFAULT_SPLITS = (Path(__file__).parent / "splits" / "celeba_held_out.json",)
 DIR_FAR = 0.01
 REJECTION_AT = 0.10
 REJECTION_TARGET = 0.174   # the published relative error reduction at 10% rejection
@@ -1002,7 +1004,7 @@ examples:
     p.add_argument("--celeba-data", help="CelebA-dev folder (default ../shared/data/celeba-dev)")
     p.add_argument("--celeba-split", action="append", type=Path, metavar="SPLIT_JSON",
                    help="split.json whose val_identities make the CelebA set; repeat to intersect "
-                        f"(default: {DEFAULT_SPLITS[0]}, intersected with {DEFAULT_SPLITS[1]} if present)")
+                        "(default: benchmarks/splits/celeba_held_out.json, what every training run holds out)")
     p.add_argument("--lfw-people", choices=("unseen", "all"), default="unseen",
                    help="LFW 1:N over people no training run saw (default), or over all of LFW")
     p.add_argument("--limit-pairs", type=int, metavar="N", help="LFW: first N same + N different pairs per fold (tests)")
