@@ -342,7 +342,8 @@ def derived_manifest(
         # other half of a codec, an ensemble's query manifest).
         for key, value in data.items():
             for entry in value if isinstance(value, list) else [value]:
-                if isinstance(entry, dict) and "file" in entry:
+                # An entry without a file (an ensemble member joining untransformed) has nothing to move.
+                if isinstance(entry, dict) and entry.get("file"):
                     entry["file"] = _absolute(entry["file"], source.manifest_path)
             if key.endswith("_manifest") and isinstance(value, str) and value.endswith(".json"):
                 data[key] = _absolute(value, source.manifest_path)

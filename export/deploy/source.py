@@ -7,7 +7,7 @@ name several (a learned codec's manifest has `encoder` and `decoder`, each an ob
 new kind of manifest plugs in with no change here as long as its ONNX files sit in
 `{"file": ..., "sha256": ...}` objects resolved by the runtime's rules (`${shared}/`,
 `${cache}/`, or relative to the manifest). Objects in a list are components too, named by
-their `gallery_model` (an ensemble's transforms: `ensemble-facelink-query-v4:mobilefacenet@ms1m-1`)
+their `gallery_model` (an ensemble's transforms: `ensemble-facelink-query-v6:dlib-resnet-onnx@v1`)
 or `<key>.<index>`.
 """
 
@@ -78,7 +78,7 @@ def _manifest_path(name_or_path: str) -> Path:
             raise ManifestError(f"manifest {path} does not exist")
         return path.resolve()
     # Model manifests by name, learned codec bundles by file stem (codec-default), ensembles
-    # of transforms by their query model's name with a prefix (ensemble-facelink-query-v4).
+    # of transforms by their query model's name with a prefix (ensemble-facelink-query-v6).
     bundled = (
         bundled_manifests()
         | {f"{CODEC_PREFIX}{name}": path for name, path in codec_manifests().items()}
@@ -124,8 +124,12 @@ def resolve_source(model: str) -> ModelSource:
         )
     if component:
         if component not in components:
+            identity = any(isinstance(t, dict) and t.get("gallery_model") == component and not t.get("file")
+                           for t in data.get("transforms", ()))
+            why = ": that gallery model joins the ensemble untransformed (an identity transform, no file)" \
+                if identity else ""
             raise ManifestError(
-                f"{path} has no ONNX component {component!r} (has: {', '.join(components) or 'none'})"
+                f"{path} has no ONNX component {component!r}{why} (has: {', '.join(components) or 'none'})"
             )
         entry, manifest = components[component], None
     else:
