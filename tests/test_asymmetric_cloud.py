@@ -293,7 +293,7 @@ def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
     server_factory, channel_to, engine_parts, tmp_path: Path
 ) -> None:
     """The bundled query model as a member of its own ensemble (identity transform) beside the
-    bundled MobileFaceNet transform: its embedding of each enrolled picture is stored under
+    bundled MobileFaceNet member: its embedding of each enrolled picture is stored under
     `own_key`, and the derived template's uncertainty is 1 - cos(T(m), q) of the picture."""
     from facelink.edge.pipeline import EdgePipeline
     from facelink.edge.sources import Frame
@@ -308,7 +308,9 @@ def test_a_query_member_is_stored_at_enrollment_and_joins_mean_and_uncertainty(
     query_id = query.manifest.model_id
     bundled = json.loads(bundled_ensembles()[DEFAULT_QUERY_MODEL].read_text())
     folder = bundled_ensembles()[DEFAULT_QUERY_MODEL].parent
-    (spec,) = [dict(t, file=str(folder / t["file"])) for t in bundled["transforms"] if t["gallery_model"] == MFN]
+    # MobileFaceNet's member as bundled: a transform file, or none (it joins through the identity).
+    (spec,) = [dict(t, file=str(folder / t["file"]) if t.get("file") else None)
+               for t in bundled["transforms"] if t["gallery_model"] == MFN]
     path = tmp_path / "member.json"
     path.write_text(json.dumps({**bundled, "name": "member", "transforms": [spec], "query_member": True, "member_weights": {},
                                 "query_manifest": str(folder.parent / f"{DEFAULT_QUERY_MODEL}.json"),

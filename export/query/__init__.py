@@ -2,7 +2,7 @@
 
 Modules:
 
-* `model`      -- the query network (a slimmed MobileFaceNet at 64x64) and its registry
+* `model`      -- the query network (MobileFaceNet slimmed to a 64-96 px input) and its registry
                   `create_query_model`, plus initialisation from the deployed MobileFaceNet;
 * `data`       -- the training split and the augmented views the query model is trained on;
 * `train`      -- the resumable distillation loop (`python -m facelink.export.query.train`);

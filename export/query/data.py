@@ -11,9 +11,10 @@ pairs.txt, whose images the cache never contains.
 Views. Every view is a random similarity jitter of the face's alignment (rotation, scale,
 shift: the landmark noise a detector adds on a board), optionally mirrored, then mild
 photometric changes (brightness, contrast, colour saturation, occasional grey). The teacher
-(MobileFaceNet at 112x112) and the student (64x64) are warped from the same crop with the
-same jitter and see the same pixels up to resolution: "function matching" (Beyer et al.,
-CVPR 2022, "Knowledge distillation: a good teacher is patient and consistent"). With only
+(MobileFaceNet at 112x112) and the student (at its own input size, 64-96 px) are warped from
+the same crop with the same jitter and see the same pixels up to resolution: "function
+matching" (Beyer et al., CVPR 2022, "Knowledge distillation: a good teacher is patient and
+consistent"). With only
 ~9,000 faces, consistent views with the teacher run on the fly let the student match the
 teacher on as many inputs as we can afford to draw, instead of memorising 9,000 fixed
 targets; the cached embeddings are only valid for the unjittered crop. The teacher costs

@@ -2,7 +2,7 @@
 
     python -m facelink.export.query.train [--run-dir ~/.cache/facelink/runs/query-v1] [--max-minutes 120]
 
-Loss, per augmented view (see `data`): 1 - cos(query(view at 64 px), MobileFaceNet(view at 112 px)),
+Loss, per augmented view (see `data`): 1 - cos(query(view at 64-96 px), MobileFaceNet(view at 112 px)),
 the teacher run on the fly on the very same view. Optionally (`--identity-weight`) a CosFace
 margin term over the training identities, through a classifier on the normalised embedding; off
 by default, because 1,650 of the ~2,200 training identities have a single picture (LFW's long
