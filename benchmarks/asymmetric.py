@@ -53,8 +53,9 @@ Sets:
 * `celeba`: the held-out identities of the training runs: the 32 identities that every query
   and codec run draws with `export.query.data.split_by_identity` (seed 0) and records in its
   split.json, copied to benchmarks/splits/celeba_held_out.json (the transforms are trained on
-  that split too; `--celeba-split` takes run split.json files instead, intersected). Pictures where YuNet finds no face are left out (CelebA pictures are not aligned,
-  so there is no fallback) and counted. Verification: `rate_accuracy.celeba_pairs` (10
+  that split too; `--celeba-split` takes run split.json files instead, intersected). Pictures
+  where YuNet finds no face are left out (CelebA pictures are not aligned, so there is no
+  fallback) and counted. Verification: `rate_accuracy.celeba_pairs` (10
   identity-disjoint folds, sha256-ranked pairs) on these pictures with the largest per-fold
   count of (300, 200, 100, 50) they can fill. 1:N: no held-out identity has a single picture, so
   the identities are ranked by sha256("asymmetric:<seed>:<identity>") and every second one is
@@ -122,7 +123,6 @@ DEFAULT_JSON = reporting.RESULTS_DIR / "asymmetric.json"
 DEFAULT_PLOT = reporting.RESULTS_DIR / "asymmetric_risk_coverage.png"
 DEFAULT_ENSEMBLE = DEFAULT_QUERY_MODEL  # an ensemble manifest is named after its query model
 DEFAULT_TEACHER = "mobilefacenet"
-#: The training runs whose held-out celeba-dev identities make the CelebA set.
 #: The held-out celeba-dev identities of every training run (their split.json files agree), in the
 #: repository so the CelebA set needs no training run on this machine.
 DEFAULT_SPLITS = (Path(__file__).parent / "splits" / "celeba_held_out.json",)

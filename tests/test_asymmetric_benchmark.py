@@ -64,7 +64,6 @@ def test_held_out_identities_intersect_the_split_files(tmp_path: Path) -> None:
         a.held_out_identities([tmp_path / "absent.json", c])
 
 
-
 def test_the_committed_celeba_split_is_what_the_training_runs_hold_out() -> None:
     """benchmarks/splits/celeba_held_out.json stands in for the runs' split.json files: where runs
     with the default split settings exist on this machine, each holds out exactly those identities."""
@@ -76,6 +75,7 @@ def test_the_committed_celeba_split_is_what_the_training_runs_hold_out() -> None
         config = json.loads((split.parent / "config.json").read_text()) if (split.parent / "config.json").is_file() else {}
         if config.get("seed") == 0 and config.get("val_identities") == 32:
             assert sorted(json.loads(split.read_text())["val_identities"]) == held, split
+
 
 # --- 1:N metrics -------------------------------------------------------------------------------------
 def test_rank1_is_100_percent_when_probes_equal_their_gallery_embedding() -> None:

@@ -170,7 +170,6 @@ def test_an_ensemble_transform_exports_on_its_gallery_models_embeddings(tmp_path
     from facelink.runtime.asymmetric import GalleryEnsemble
 
     from facelink.config import DEFAULT_QUERY_MODEL
-
     from facelink.runtime.manifest import ManifestError, load_manifest
 
     # The bundled ensemble's MobileFaceNet joins untransformed: nothing to export, and the error says so.

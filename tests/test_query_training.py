@@ -16,7 +16,13 @@ from facelink.export.codec.data import FaceCache, Source  # noqa: E402
 from facelink.export.flops import count_model  # noqa: E402
 from facelink.export.query import train  # noqa: E402
 from facelink.export.query.embeddings import PairedEmbeddings  # noqa: E402
-from facelink.export.query.model import QueryArch, QueryNet, create_query_model, full_mobilefacenet  # noqa: E402
+from facelink.export.query.model import (  # noqa: E402
+    QueryArch,
+    QueryNet,
+    create_query_model,
+    full_mobilefacenet,
+    resample_gdconv,
+)
 from facelink.export.query.transforms import TransformConfig, evaluate, train_transforms  # noqa: E402
 from facelink.runtime.alignment import canonical_template  # noqa: E402
 
@@ -163,10 +169,7 @@ def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_sched
         train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "missing")
 
 
-
 def test_a_warm_restart_may_raise_the_input_size_and_resamples_only_the_global_depthwise_kernel(tmp_path: Path) -> None:
-    from facelink.export.query.model import resample_gdconv
-
     config = tiny_config(model="mfn64")
     torch.manual_seed(0)
     source = train.make_trainee(config, classes=6)
@@ -185,8 +188,6 @@ def test_a_resampled_global_depthwise_kernel_weighs_a_uniform_feature_map_as_bef
     """Down (MobileFaceNet's 7x7 to 4x4) and up (mfn64's 4x4 to mfn72's 5x5): a kernel that is
     uniform keeps its total weight exactly, so a uniform map gives the same output; any kernel keeps
     it roughly (the cells of a non-divisible size overlap)."""
-    from facelink.export.query.model import resample_gdconv
-
     for k, size in ((7, 4), (4, 5), (4, 4)):
         uniform = torch.full((3, 1, k, k), 0.5)
         assert torch.allclose(resample_gdconv(uniform, size).sum((1, 2, 3)), uniform.sum((1, 2, 3)))

@@ -14,11 +14,10 @@ photometric changes (brightness, contrast, colour saturation, occasional grey). 
 (MobileFaceNet at 112x112) and the student (at its own input size, 64-96 px) are warped from
 the same crop with the same jitter and see the same pixels up to resolution: "function
 matching" (Beyer et al., CVPR 2022, "Knowledge distillation: a good teacher is patient and
-consistent"). With only
-~9,000 faces, consistent views with the teacher run on the fly let the student match the
-teacher on as many inputs as we can afford to draw, instead of memorising 9,000 fixed
-targets; the cached embeddings are only valid for the unjittered crop. The teacher costs
-~6 ms per face on one core against ~3.5 ms for the student's forward and backward.
+consistent"). With only ~9,000 faces, consistent views with the teacher run on the fly let the
+student match the teacher on as many inputs as we can afford to draw, instead of memorising
+9,000 fixed targets; the cached embeddings are only valid for the unjittered crop. The teacher
+costs ~6 ms per face on one core against ~3.5 ms for the student's forward and backward.
 """
 
 from __future__ import annotations
