@@ -128,6 +128,37 @@ def test_one_step_changes_parameters_and_a_checkpoint_restores_exactly(tmp_path:
         assert torch.equal(a, b), name
 
 
+def test_mixup_blends_teacher_and_student_views_alike_and_leaves_plain_runs_unchanged() -> None:
+    from dataclasses import replace
+
+    from facelink.export.query.data import Augment, ViewSampler
+    from facelink.runtime.alignment import ARCFACE
+
+    cache = tiny_cache()
+    indices, labels = np.arange(len(cache)), np.arange(len(cache)) % 6
+
+    def views(augment: Augment):
+        sampler = ViewSampler(cache, indices, labels, 64, ARCFACE, batch_size=6, augment=augment, seed=3)
+        return sampler.batch(sampler.epoch_plan(0)[0], 0, 0)
+
+    plain = views(Augment())
+    assert torch.equal(plain.teacher, views(replace(Augment(), mixup=0.0, mixup_max=0.9)).teacher)
+    mixed = views(replace(Augment(), mixup=1.0, mixup_max=0.5))
+    blended = 0
+    for i in range(6):
+        # Find the partner and weight that explain the teacher's view; the student's must fit them too.
+        fits = []
+        for j in range(6):
+            d = (plain.teacher[j] - plain.teacher[i]).flatten()
+            w = float((mixed.teacher[i] - plain.teacher[i]).flatten() @ d / max(float(d @ d), 1e-12))
+            fits.append((float((plain.teacher[i].lerp(plain.teacher[j], w) - mixed.teacher[i]).abs().max()), j, w))
+        error, j, w = min(fits)
+        assert error < 1e-5 and -1e-6 <= w <= 0.5 + 1e-6
+        assert torch.allclose(plain.student[i].lerp(plain.student[j], w), mixed.student[i], atol=1e-5)
+        blended += w > 1e-3 and j != i
+    assert blended >= 3
+
+
 def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) -> None:
     cache, config = tiny_cache(), tiny_config()
     straight = train.run(tmp_path / "a", config, cache=cache, teacher=tiny_teacher(), with_lfw=False, progress_bar=False)

@@ -395,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity-weight", type=float, help="CosFace term weight (0: off); new runs only")
     parser.add_argument("--seed", type=int, help="held-out identities, initialisation and views; new runs only")
     parser.add_argument("--view-seed", type=int, help="the augmented views alone (default: --seed); new runs only")
+    parser.add_argument("--mixup", type=float, help="share of views blended with another face of the batch "
+                        "(default 0; see facelink.export.query.data); new runs only")
     parser.add_argument("--epochs", type=int, help="the cosine schedule's length (changing it on resume bends the schedule)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default 1: leaves a core to other jobs)")
     parser.add_argument("--no-lfw", action="store_true", help="skip the per-epoch LFW View 2 evaluation")
@@ -411,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{run_dir} is an existing run: cannot change {', '.join(fixed)} (use a new --run-dir)")
     else:
         config = TrainConfig()
-    config = TrainConfig(**{**asdict(config), **overrides, "augment": config.augment})
+    augment = config.augment if args.mixup is None else replace(config.augment, mixup=args.mixup)
+    if (run_dir / "checkpoint.pt").is_file() and augment != config.augment:
+        parser.error(f"{run_dir} is an existing run: cannot change mixup (use a new --run-dir)")
+    config = TrainConfig(**{**asdict(config), **overrides, "augment": augment})
     if config.init not in FRESH_INITS and not Path(config.init).expanduser().exists():
         parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory or checkpoint")
     progress = run(run_dir, config, max_minutes=args.max_minutes, with_lfw=not args.no_lfw)
