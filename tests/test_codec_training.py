@@ -328,3 +328,32 @@ def test_the_recorded_training_command_restarts_the_same_run() -> None:
         "--identity-weights 1.0,2.0,3.0,4.0,5.0 --init-from runs/a/checkpoint.pt"
     )
     assert train_command(TrainConfig()) == "python -m facelink.export.codec.train --run-dir RUN"
+
+
+def test_widening_keeps_the_trained_codec_function_and_its_bitstream() -> None:
+    from facelink.export.codec.widen import widen_codec
+
+    torch.manual_seed(0)
+    narrow = create_codec_model("default").eval()
+    with torch.no_grad():  # a trained-like GDN: every channel's normaliser mixes the others' squares
+        for gdn in [m for m in [*narrow.g_a, *narrow.g_s] if isinstance(m, torch.nn.Module) and hasattr(m, "gamma")]:
+            gdn.gamma.copy_(gdn.gamma_reparam.init(0.1 * torch.eye(gdn.gamma.shape[0]) + 0.02 * torch.rand_like(gdn.gamma)))
+    wide = create_codec_model("wide").eval()
+    widen_codec(narrow, wide, seed=1)
+    assert wide.arch.encoder_channels > narrow.arch.encoder_channels
+
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        y = narrow.g_a(x)
+        torch.testing.assert_close(wide.g_a(x), y, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wide.g_s(y), narrow.g_s(y), rtol=1e-4, atol=1e-5)
+    for model in (narrow, wide):
+        model.update(force=True)
+    assert wide.compress(x, 2)["strings"] == narrow.compress(x, 2)["strings"]
+    # The copies do not share their outgoing weights evenly: they will not stay twins in training.
+    reader = wide.g_a[2].weight.detach().transpose(0, 1).flatten(1)  # per input channel: its outgoing weights
+    gaps = torch.cdist(reader, reader) + torch.eye(96) * 1e9
+    assert float(gaps.min()) > 1e-6
+
+    with pytest.raises(ValueError, match="narrow"):
+        widen_codec(wide, create_codec_model("default"))

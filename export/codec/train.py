@@ -46,6 +46,7 @@ from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
 from .model import CODEC_MODELS, FaceCodecModel, create_codec_model
 from .teacher import FaceTeacher, template_matrices, warp_to_template
+from .widen import widen_codec
 
 
 #: What a run trains: everything, or the decoder alone (see TrainConfig.train).
@@ -321,7 +322,13 @@ def run(
             group["lr"] = config.lr
     elif config.init_from:
         state = torch.load(Path(config.init_from).expanduser(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        source = state.get("config", {}).get("model", config.model)
+        if source == config.model:
+            model.load_state_dict(state["model"])
+        else:  # a wider architecture starts as exactly the trained narrower codec (Net2Net)
+            trained = create_codec_model(source)
+            trained.load_state_dict(state["model"])
+            widen_codec(trained, model, seed=config.seed)
     sampler = BatchSampler(
         cache,
         train_indices,
@@ -482,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         "--identity-weights", type=_floats, help="new runs only: identity weight per quality, comma-separated"
     )
     parser.add_argument(
-        "--init-from", type=Path, help="new runs only: start from this checkpoint's model weights"
+        "--init-from", type=Path, help="new runs only: start from this checkpoint's model weights; with a "
+        "wider --model than the checkpoint's, grown into it function-preserving (facelink.export.codec.widen)"
     )
     parser.add_argument("--train", choices=TRAINABLE,
                         help="new runs only: 'decoder' trains the decoder alone, every face keeps its bytes")
