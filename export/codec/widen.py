@@ -87,5 +87,7 @@ def widen_codec(src: FaceCodecModel, dst: FaceCodecModel, seed: int = 0, spread:
     rng = np.random.default_rng(seed)
     widen_transform(src.g_a, dst.g_a, rng, spread)
     widen_transform(src.g_s, dst.g_s, rng, spread)
-    dst.gains.load_state_dict(src.gains.state_dict())
-    dst.entropy_bottlenecks.load_state_dict(src.entropy_bottlenecks.state_dict())
+    # Gains and entropy models as they are; through the model's own load_state_dict, which sizes
+    # the entropy bottlenecks' CDF buffers to the trained ones (a fresh model's are empty).
+    kept = {k: v for k, v in src.state_dict().items() if k.startswith(("gains.", "entropy_bottlenecks."))}
+    dst.load_state_dict({**dst.state_dict(), **kept})
