@@ -350,3 +350,7 @@ def test_the_exported_manifest_names_the_training_command_of_its_run() -> None:
     assert train_command(warm, Path.home() / "runs" / "r") == ("python -m facelink.export.query.train --run-dir ~/runs/r "
                                                               "--model mfn64 --init ~/runs/q/checkpoint.pt --lr 0.0003 "
                                                               "--view-seed 1 --epochs 40 --threads 2")
+    mixed = {**warm, "augment": {**warm["augment"], "mixup": 0.5}}
+    assert "--view-seed 1 --mixup 0.5 --epochs 40" in train_command(mixed, Path.home() / "runs" / "r")
+    old = {**warm, "augment": {k: v for k, v in warm["augment"].items() if not k.startswith("mixup")}}
+    assert "mixup" not in train_command(old, Path.home() / "runs" / "r")

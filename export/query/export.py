@@ -1,7 +1,7 @@
 """Export a query model to ONNX and describe it with a manifest, so the runtime loads it like any recogniser.
 
-    python -m facelink.export.query.export --run-dir ~/.cache/facelink/runs/query-v6 \\
-        --out runtime/manifests/facelink-query-v6.json --version v6 --no-flip
+    python -m facelink.export.query.export --run-dir ~/.cache/facelink/runs/query-v8 \\
+        --out runtime/manifests/facelink-query-v8.json --version v8 --no-flip
 
 The ONNX graph takes (batch, 3, S, S) RGB normalised with MobileFaceNet's mean/std and returns
 the unnormalised (batch, 128) embedding; opset 17, dynamic batch, fp32 weights. The manifest
@@ -114,10 +114,13 @@ def train_command(config: dict, run_dir: Path) -> str:
     from .train import TrainConfig  # train imports this module (it writes manifests)
 
     defaults = asdict(TrainConfig())
+    # In the order of `train --help`; mixup lives in `augment` (absent from runs older than the option).
+    values = {**config, "mixup": config.get("augment", {}).get("mixup", 0.0)}
+    defaults["mixup"] = defaults["augment"]["mixup"]
     flags = {"model": "--model", "init": "--init", "batch_size": "--batch-size", "lr": "--lr",
              "identity_weight": "--identity-weight", "seed": "--seed", "view_seed": "--view-seed",
-             "epochs": "--epochs", "threads": "--threads"}
-    args = [f"{flag} {config[key]}" for key, flag in flags.items() if key in config and config[key] != defaults[key]]
+             "mixup": "--mixup", "epochs": "--epochs", "threads": "--threads"}
+    args = [f"{flag} {values[key]}" for key, flag in flags.items() if key in values and values[key] != defaults[key]]
     return _home_relative(" ".join(["python -m facelink.export.query.train --run-dir", str(run_dir), *args]))
 
 
