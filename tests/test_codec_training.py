@@ -331,12 +331,14 @@ def test_the_recorded_training_command_restarts_the_same_run() -> None:
 
 
 def test_widening_keeps_the_trained_codec_function_and_its_bitstream() -> None:
+    from compressai.layers import GDN
+
     from facelink.export.codec.widen import widen_codec
 
     torch.manual_seed(0)
     narrow = create_codec_model("default").eval()
     with torch.no_grad():  # a trained-like GDN: every channel's normaliser mixes the others' squares
-        for gdn in [m for m in [*narrow.g_a, *narrow.g_s] if isinstance(m, torch.nn.Module) and hasattr(m, "gamma")]:
+        for gdn in [m for m in [*narrow.g_a, *narrow.g_s] if isinstance(m, GDN)]:
             gdn.gamma.copy_(gdn.gamma_reparam.init(0.1 * torch.eye(gdn.gamma.shape[0]) + 0.02 * torch.rand_like(gdn.gamma)))
     narrow.update(force=True)  # a trained codec's CDF tables are filled; a fresh model's are empty
     wide = create_codec_model("wide").eval()
