@@ -360,3 +360,13 @@ def test_widening_keeps_the_trained_codec_function_and_its_bitstream() -> None:
 
     with pytest.raises(ValueError, match="narrow"):
         widen_codec(wide, create_codec_model("default"))
+
+
+def test_frontier_compares_at_equal_bytes() -> None:
+    from facelink.export.codec.frontier import at_equal_bytes
+
+    reference = {"epoch": 0, "q1": {"bytes": 600.0, "cos": 0.90}, "q2": {"bytes": 800.0, "cos": 0.94}}
+    # Halfway in bytes between the reference's qualities: the curve gives 0.92 there.
+    row = {"epoch": 1, "q1": {"bytes": 700.0, "cos": 0.925}, "q2": {"bytes": 800.0, "cos": 0.94}}
+    delta = at_equal_bytes(row, reference, "cos")
+    assert delta["q1"] == pytest.approx(0.005) and delta["q2"] == pytest.approx(0.0)
