@@ -8,9 +8,11 @@ Modules, each one small part of the pipeline:
                differentiable re-warp from a crop to its ArcFace 112x112 template;
 * `model`   -- the codec (analysis / synthesis transforms, per-quality gain units and
                factorised entropy bottlenecks) and its registry `create_codec_model`;
+* `widen`   -- grows a trained codec into a wider architecture computing the same function;
 * `losses`  -- rate + lambda * distortion + mu * identity;
 * `speed`   -- ONNX export of the encoder / decoder graphs and their ONNX Runtime latency;
-* `train`   -- the resumable training loop (`python -m facelink.export.codec.train`).
+* `train`   -- the resumable training loop (`python -m facelink.export.codec.train`);
+* `frontier` -- a run's held-out identity and PSNR against a reference run's at equal bytes.
 
 Importing this package does not import torch: the submodules do.
 """
