@@ -1,4 +1,4 @@
-"""benchmarks/asymmetric.py: the 1:N metrics and the rejection curve on synthetic embeddings, the
+"""benchmarks/asymmetric.py and open_set.py: the 1:N metrics and the rejection curve on synthetic embeddings, the
 protocols' determinism, and tiny end-to-end runs on real faces."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from facelink.benchmarks import asymmetric as a
+from facelink.benchmarks import open_set as openset
 from facelink.config import shared_dir
 
 SHARED_LFW = shared_dir() / "data" / "lfw"
@@ -28,7 +29,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def test_open_set_protocol_enrolls_the_first_image_by_name_and_is_order_independent() -> None:
     names = ["b/b_2.jpg", "a/a_1.jpg", "c/c_1.jpg", "b/b_1.jpg", "a/a_3.jpg", "a/a_2.jpg", "d/d_1.jpg", "d/d_2.jpg"]
     people = [n.split("/")[0] for n in names]
-    o = a.open_set_protocol(names, people, never_enrolled={"d"})
+    o = openset.open_set_protocol(names, people, never_enrolled={"d"})
     pick = lambda idx: [names[i] for i in idx]  # noqa: E731
     assert o.enrolled == ("a", "b")
     assert pick(o.gallery) == ["a/a_1.jpg", "b/b_1.jpg"]
@@ -37,12 +38,12 @@ def test_open_set_protocol_enrolls_the_first_image_by_name_and_is_order_independ
     assert o.summary() == {"gallery": 2, "genuine_probes": 3, "distractors": 3}
     # Any input order gives the same protocol, image for image.
     order = np.random.default_rng(0).permutation(len(names))
-    shuffled = a.open_set_protocol([names[i] for i in order], [people[i] for i in order], never_enrolled={"d"})
+    shuffled = openset.open_set_protocol([names[i] for i in order], [people[i] for i in order], never_enrolled={"d"})
     assert [names[order[i]] for i in shuffled.gallery] == pick(o.gallery)
     assert [names[order[i]] for i in shuffled.genuine] == pick(o.genuine)
     assert sorted(names[order[i]] for i in shuffled.distractors) == sorted(pick(o.distractors))
     with pytest.raises(ValueError):
-        a.open_set_protocol(["x", "x"], ["p", "p"])
+        openset.open_set_protocol(["x", "x"], ["p", "p"])
 
 
 def test_celeba_never_enrolled_half_is_deterministic() -> None:
@@ -82,14 +83,14 @@ def test_rank1_is_100_percent_when_probes_equal_their_gallery_embedding() -> Non
     rng = np.random.default_rng(0)
     gallery = unit(rng.normal(size=(50, 16)))
     target = rng.integers(0, 50, 200)
-    scores = a.cosine_matrix(gallery[target], gallery)
-    assert a.rank1(scores, target) == 1.0
-    assert a.rank1(scores, (target + 1) % 50) == 0.0
+    scores = openset.cosine_matrix(gallery[target], gallery)
+    assert openset.rank1(scores, target) == 1.0
+    assert openset.rank1(scores, (target + 1) % 50) == 0.0
 
 
 def test_a_tie_with_another_gallery_entry_is_an_error() -> None:
     scores = np.array([[0.8, 0.8, 0.1], [0.9, 0.2, 0.3]])
-    correct, true = a.identification(scores, np.array([0, 0]))
+    correct, true = openset.identification(scores, np.array([0, 0]))
     assert correct.tolist() == [False, True] and true.tolist() == [0.8, 0.9]
 
 
@@ -105,11 +106,11 @@ def test_dir_at_far_hand_computed() -> None:
         [0.2, 0.3, 0.999],   # right, above                       -> detected and identified
     ])
     target = np.array([0, 1, 0, 2])
-    rate, threshold = a.dir_at_far(genuine, target, distractors, 0.01)
+    rate, threshold = openset.dir_at_far(genuine, target, distractors, 0.01)
     assert 0.98 < threshold <= 0.985
     assert rate == 0.5
-    assert a.dir_at_far(genuine, target, distractors, 0.0)[0] == 0.25  # nothing above 0.99: only 0.999
-    assert a.dir_at_far(genuine, target, distractors, 1.0)[0] == 0.75  # everything passes: rank-1
+    assert openset.dir_at_far(genuine, target, distractors, 0.0)[0] == 0.25  # nothing above 0.99: only 0.999
+    assert openset.dir_at_far(genuine, target, distractors, 1.0)[0] == 0.75  # everything passes: rank-1
 
 
 # --- selective risk ----------------------------------------------------------------------------------
@@ -122,18 +123,18 @@ def test_selective_risk_hand_computed() -> None:
         [0.1, 0.2, 0.3],   # right
     ])
     target = np.array([0, 0, 1, 2])
-    assert a.selective_risk(scores, target, np.ones(3, bool)) == (0.5, 4)
+    assert openset.selective_risk(scores, target, np.ones(3, bool)) == (0.5, 4)
     # Drop entry 2: probe 3 no longer counts, probe 2 is now right; probe 1 still wrong.
-    assert a.selective_risk(scores, target, np.array([True, True, False])) == (pytest.approx(1 / 3), 3)
+    assert openset.selective_risk(scores, target, np.array([True, True, False])) == (pytest.approx(1 / 3), 3)
     # Drop entry 1: probes 0, 1 right now, probe 2 gone, probe 3 right.
-    assert a.selective_risk(scores, target, np.array([True, False, True])) == (0.0, 3)
-    error, n = a.selective_risk(scores, target, np.zeros(3, bool))
+    assert openset.selective_risk(scores, target, np.array([True, False, True])) == (0.0, 3)
+    error, n = openset.selective_risk(scores, target, np.zeros(3, bool))
     assert n == 0 and np.isnan(error)
-    curve = a.RiskCoverage(scores, target, np.zeros((0, 3)), threshold=0.5)
+    curve = openset.RiskCoverage(scores, target, np.zeros((0, 3)), threshold=0.5)
     rng = np.random.default_rng(0)
     for _ in range(20):  # the fast path agrees with the plain definition under any rejection
         enrolled = rng.random(3) < 0.7
-        expected, n = a.selective_risk(scores, target, enrolled)
+        expected, n = openset.selective_risk(scores, target, enrolled)
         point = curve.at(enrolled)
         assert point["probes"] == n and (np.isnan(expected) and np.isnan(point["risk"]) or point["risk"] == pytest.approx(expected))
 
@@ -146,25 +147,25 @@ def test_rejecting_the_most_uncertain_gallery_entries_removes_their_errors() -> 
     probes = unit(gallery[target] + 0.05 * rng.normal(size=(g * per, 32)))
     bad = np.arange(4)  # the 4 most uncertain entries (10%): each probe of theirs matches entry 39 better
     probes[np.isin(target, bad)] = unit(gallery[39] + 0.01 * rng.normal(size=(4 * per, 32)))
-    scores = a.cosine_matrix(probes, gallery)
-    distractors = a.cosine_matrix(unit(rng.normal(size=(100, 32))), gallery)
+    scores = openset.cosine_matrix(probes, gallery)
+    distractors = openset.cosine_matrix(unit(rng.normal(size=(100, 32))), gallery)
     uncertainty = np.where(np.isin(np.arange(g), bad), 0.9, rng.uniform(0, 0.5, g))
-    curve = a.RiskCoverage(scores, target, distractors, a.dir_threshold(distractors, 0.01))
-    fractions = a.rejection_fractions(0.3, 0.05)
-    points = a.risk_coverage(curve, uncertainty, fractions)
+    curve = openset.RiskCoverage(scores, target, distractors, openset.dir_threshold(distractors, 0.01))
+    fractions = openset.rejection_fractions(0.3, 0.05)
+    points = openset.risk_coverage(curve, uncertainty, fractions)
     assert [p["rejected"] for p in points] == [int(np.floor(f * g + 1e-9)) for f in fractions]
     assert points[0]["risk"] == pytest.approx(0.1) and points[0]["probes"] == g * per
     at10 = points[2]
     assert at10["fraction"] == 0.1 and at10["rejected"] == 4 and at10["risk"] == 0.0 and at10["probes"] == 36 * per
-    assert a.relative_reduction(points[0]["risk"], at10["risk"]) == 1.0
-    control = a.random_risk_coverage(curve, g, fractions, repeats=30)
+    assert openset.relative_reduction(points[0]["risk"], at10["risk"]) == 1.0
+    control = openset.random_risk_coverage(curve, g, fractions, repeats=30)
     assert control["risk_mean"][0] == pytest.approx(0.1)
     assert 0.05 < control["risk_mean"][2] < 0.15  # random rejection: about the same error
-    assert np.isnan(a.relative_reduction(0.0, 0.0))
+    assert np.isnan(openset.relative_reduction(0.0, 0.0))
 
 
 def test_fractions_cover_0_to_30_percent() -> None:
-    f = a.rejection_fractions()
+    f = openset.rejection_fractions()
     assert f[0] == 0 and f[-1] == pytest.approx(0.3) and len(f) == 31 and 0.1 in f.tolist()
 
 
