@@ -370,3 +370,15 @@ def test_frontier_compares_at_equal_bytes() -> None:
     row = {"epoch": 1, "q1": {"bytes": 700.0, "cos": 0.925}, "q2": {"bytes": 800.0, "cos": 0.94}}
     delta = at_equal_bytes(row, reference, "cos")
     assert delta["q1"] == pytest.approx(0.005) and delta["q2"] == pytest.approx(0.0)
+
+
+def test_frontier_compares_bytes_at_equal_cosine() -> None:
+    from facelink.export.codec.frontier import bytes_at_equal
+
+    reference = {"epoch": 0, "q1": {"bytes": 600.0, "cos": 0.90}, "q2": {"bytes": 800.0, "cos": 0.94}}
+    # The reference needs 700 bytes for 0.92; the run spends 630 (-10%). 0.95 is beyond its curve.
+    row = {"epoch": 1, "q1": {"bytes": 630.0, "cos": 0.92}, "q2": {"bytes": 800.0, "cos": 0.95}}
+    saved = bytes_at_equal(row, reference, "cos")
+    assert saved["q1"] == pytest.approx(-0.10) and np.isnan(saved["q2"])
+    with pytest.raises(ValueError, match="does not rise"):
+        bytes_at_equal(row, {"q1": {"bytes": 600.0, "cos": 0.95}, "q2": {"bytes": 800.0, "cos": 0.94}}, "cos")
