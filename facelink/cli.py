@@ -8,6 +8,7 @@
                                                export a bundled model for deployment
     facelink export manifest PATH              check a model manifest against its weights
     facelink bench NAME                        run a benchmark from benchmarks/
+    facelink train JOB                         train, bundle or inspect facelink's own models
 
 Every subcommand has --help with examples.
 """
@@ -568,15 +569,81 @@ examples:
     p.set_defaults(func=_bench)
 
 
+# -- train ------------------------------------------------------------------------------------
+# Each job is a module of export/ with its own --help; these need torch (the export extra).
+TRAINING_JOBS = {
+    "codec": "facelink.export.codec.train",
+    "codec-bundle": "facelink.export.codec.bundle",
+    "codec-frontier": "facelink.export.codec.frontier",
+    "codec-speed": "facelink.export.codec.speed",
+    "codec-prior-study": "facelink.export.codec.prior_study",
+    "query": "facelink.export.query.train",
+    "query-bundle": "facelink.export.query.export",
+    "transforms": "facelink.export.query.transforms",
+    "dlib-convert": "facelink.export.dlib_convert",
+}
+
+
+class ExportExtraMissing(RuntimeError):
+    """A training job was asked for on an install without torch."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    import importlib
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    try:
+        module = importlib.import_module(TRAINING_JOBS[args.job])
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] in ("torch", "compressai", "onnx", "onnxscript"):
+            raise ExportExtraMissing(
+                f"'facelink train {args.job}' needs {error.name.split('.')[0]} (the export extra): "
+                "pip install -e '.[export]' (or `make test-export`, which installs it)") from error
+        raise
+    return module.main(rest) or 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train, bundle and inspect facelink's own models (needs the export extra: torch)",
+        formatter_class=_FORMATTER,
+        description="The model-making jobs of export/. Every run is checkpointed and resumable: run the same "
+                    "command again to continue. Options after the job go to it (see `facelink train JOB -- --help`).",
+        epilog="""\
+jobs:
+  codec              train the learned codec (rate + distortion + identity loss; resumable run folder)
+  codec-frontier     compare a run's held-out figures with a reference run's at equal bytes
+  codec-bundle       export a codec checkpoint to ONNX + entropy tables + manifest (no torch to run it)
+  codec-speed        MACs, parameters and ONNX Runtime ms of a codec architecture
+  codec-prior-study  how many bytes richer static priors would save on held-out latents
+  query              train the lightweight query model by distillation (resumable run folder)
+  query-bundle       export a query run to ONNX + manifest
+  transforms         fit the embedding transformations of a query ensemble (gallery -> query space)
+  dlib-convert       convert dlib's ResNet recogniser to torch and ONNX, checked against dlib
+
+examples:
+  facelink train codec -- --run-dir ~/.cache/facelink/runs/my-codec --max-minutes 120
+  facelink train codec-frontier -- export/codec/runs/codec-v5/val.jsonl \\
+      --reference export/codec/runs/codec-v2/val.jsonl
+  facelink train query -- --run-dir ~/.cache/facelink/runs/my-query --model mfn72 --mixup 0.5
+  facelink train query -- --help""",
+    )
+    p.add_argument("job", choices=sorted(TRAINING_JOBS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the job (see its --help)")
+    p.set_defaults(func=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facelink", description=__doc__, formatter_class=_FORMATTER)
     parser.add_argument("--version", action="version", version=f"facelink {__import__('facelink').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,cloud,edge,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,cloud,edge,export,bench,train}")
     _add_demo(sub)
     _add_cloud(sub)
     _add_edge(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_train(sub)
     return parser
 
 
@@ -604,7 +671,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from facelink.runtime.dlib_models import DlibUnavailableError
     from facelink.runtime.manifest import ManifestError
 
-    return DatasetNotFoundError, SourceError, CodecError, DlibUnavailableError, ManifestError
+    return DatasetNotFoundError, SourceError, CodecError, DlibUnavailableError, ManifestError, ExportExtraMissing
 
 
 if __name__ == "__main__":

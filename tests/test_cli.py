@@ -8,7 +8,7 @@ from facelink.cli import build_parser, main
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["demo"], ["edge"], ["cloud"], ["cloud", "serve"], ["cloud", "enroll"], ["export"], ["bench"]]
+    "argv", [[], ["demo"], ["edge"], ["cloud"], ["cloud", "serve"], ["cloud", "enroll"], ["export"], ["bench"], ["train"]]
 )
 def test_every_subcommand_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -28,3 +28,32 @@ def test_a_bad_manifest_is_reported_not_raised(tmp_path, capsys: pytest.CaptureF
     bad.write_text('{"name": "x"}')
     assert main(["export", "manifest", str(bad)]) == 1
     assert "is invalid" in capsys.readouterr().err
+
+
+def test_train_runs_an_export_job_or_names_the_missing_extra(capsys: pytest.CaptureFixture[str]) -> None:
+    """`facelink train JOB -- ARGS` hands ARGS to the job; without torch it says which extra to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        assert main(["train", "query", "--", "--help"]) == 2
+        assert "needs torch (the export extra)" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "query", "--", "--help"])
+        assert exit_.value.code == 0
+        assert "--mixup" in capsys.readouterr().out
+
+
+def test_train_hands_its_arguments_to_the_job(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """codec-frontier needs numpy only, so this runs with or without the export extra."""
+    import json
+
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text(json.dumps({"epoch": 0, "q1": {"bytes": 600.0, "cos": 0.90, "psnr": 30.0},
+                                     "q2": {"bytes": 800.0, "cos": 0.94, "psnr": 31.0}}) + "\n")
+    run = tmp_path / "run.jsonl"
+    run.write_text(json.dumps({"epoch": 3, "q1": {"bytes": 630.0, "cos": 0.92, "psnr": 30.5},
+                               "q2": {"bytes": 800.0, "cos": 0.94, "psnr": 31.0}}) + "\n")
+    assert main(["train", "codec-frontier", "--", str(run), "--reference", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("epoch   3") and "-10.0%" in out

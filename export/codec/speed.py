@@ -170,14 +170,15 @@ def measure(model: FaceCodecModel, size: int) -> dict[str, float]:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m facelink.export.codec.speed", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="default")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 112])
     parser.add_argument("--checkpoint", type=Path, help="load trained weights from a training checkpoint")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = create_codec_model(args.model)
     if args.checkpoint:
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model"])
@@ -189,7 +190,8 @@ def main() -> None:
             f"{r['encoder_ms']:.2f} ms | decoder {r['decoder_params'] / 1e3:.0f}k params, "
             f"{r['decoder_mmacs']:.0f} MMAC, {r['decoder_ms']:.2f} ms (ONNX Runtime, 1 thread)"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
