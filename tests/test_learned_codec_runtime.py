@@ -100,19 +100,24 @@ def test_a_tampered_weights_file_is_refused(bundle: Path, tmp_path: Path) -> Non
         codec.decode(codec.encode(smooth_face(32, 32)))
 
 
-def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols() -> None:
-    """The bundled weights' own golden stream: same bytes, same symbols, on every machine.
-
-    Retraining changes the codec tag: regenerate the file then (`python -m tests.make_golden_codec`).
-    """
+def _bundled_codecs() -> list[str]:
     from facelink.runtime.codecs.learned import codec_manifests
 
-    if "default" not in codec_manifests():
-        pytest.skip("no learned codec is bundled")
-    golden = np.load(DATA / "golden_codec_default.npz")
-    codec = LearnedFaceCodec.load("default", quality=3)
+    return sorted(codec_manifests())
+
+
+@pytest.mark.parametrize("name", _bundled_codecs() or [pytest.param("default", marks=pytest.mark.skip(reason="no learned codec is bundled"))])
+def test_shipped_codec_decodes_its_golden_stream_to_the_committed_symbols(name: str) -> None:
+    """Every bundled codec's own golden stream: same bytes, same symbols, on every machine.
+
+    Retraining changes the codec tag: regenerate the file then (`python -m tests.make_golden_codec NAME`).
+    """
+    path = DATA / f"golden_codec_{name}.npz"
+    assert path.is_file(), f"the bundled codec {name!r} has no golden stream: python -m tests.make_golden_codec {name}"
+    golden = np.load(path)
+    codec = LearnedFaceCodec.load(name, quality=3)
     header, payload = bitstream.unpack(golden["stream"].tobytes())
-    assert header.codec_tag == codec.manifest.tag, "the bundled codec changed: python -m tests.make_golden_codec"
+    assert header.codec_tag == codec.manifest.tag, f"the bundled codec changed: python -m tests.make_golden_codec {name}"
     symbols = codec.entropy_coder(header.quality).decode(payload, *codec.latent_size(header.width, header.height))
     np.testing.assert_array_equal(symbols, golden["symbols"])
     assert codec.decode(golden["stream"].tobytes()).shape == (128, 128, 3)
