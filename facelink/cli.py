@@ -592,15 +592,14 @@ def _train(args: argparse.Namespace) -> int:
     import importlib
 
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    try:
-        module = importlib.import_module(TRAINING_JOBS[args.job])
+    try:  # the jobs import torch at the top or inside main(): both land here
+        return importlib.import_module(TRAINING_JOBS[args.job]).main(rest) or 0
     except ModuleNotFoundError as error:
         if error.name and error.name.split(".")[0] in ("torch", "compressai", "onnx", "onnxscript"):
             raise ExportExtraMissing(
                 f"'facelink train {args.job}' needs {error.name.split('.')[0]} (the export extra): "
                 "pip install -e '.[export]' (or `make test-export`, which installs it)") from error
         raise
-    return module.main(rest) or 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
