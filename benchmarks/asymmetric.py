@@ -834,7 +834,7 @@ Embeddings are cached under ~/.cache/facelink/embeddings/ ($FACELINK_CACHE).""",
         epilog="""\
 examples:
   facelink bench asymmetric
-  facelink bench asymmetric -- --ensemble path/to/asymmetric/facelink-query-v8.json
+  facelink bench asymmetric -- --ensemble path/to/asymmetric/facelink-query-v9.json
   facelink bench asymmetric -- --sets lfw --lfw-people all --json /tmp/a.json --plot /tmp/a.png
   facelink bench asymmetric -- --sets lfw --limit-pairs 2 --limit-people 20 --timing-faces 5   # smoke test""",
     )

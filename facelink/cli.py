@@ -224,7 +224,7 @@ dropped (kept on record with the reason, never matched by the query model).""",
 examples:
   facelink cloud serve --gallery ./gallery
   facelink cloud serve --gallery-model auto --gallery-model arcface-r50.json   # one more gallery model
-  facelink cloud serve --ensemble facelink-query-v8 --reject-fraction 0.05 --reject-action drop
+  facelink cloud serve --ensemble facelink-query-v9 --reject-fraction 0.05 --reject-action drop
   facelink cloud serve --ensemble none                                         # no query models""",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
@@ -339,7 +339,7 @@ examples:
   facelink edge --source 0 --server cloud.example:50051 --camera-id door-1
   facelink edge --source ../shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart --server localhost:50051
   facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75
-  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v8, int8""",
+  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8""",
     )
     p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or picture folder")
     p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
@@ -464,9 +464,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export a model to ONNX (fp32/fp16/int8), a TensorRT engine or a Triton repository",
         formatter_class=_FORMATTER,
         description="""\
-Export MODEL (a manifest name such as mobilefacenet, yunet or facelink-query-v8, a path to a
+Export MODEL (a manifest name such as mobilefacenet, yunet or facelink-query-v9, a path to a
 manifest, or BUNDLE:COMPONENT for one ONNX file of a bundle: codec-default:encoder,
-codec-default:decoder, ensemble-facelink-query-v8:dlib-resnet-onnx@v1) for deployment:
+codec-default:decoder, ensemble-facelink-query-v9:dlib-resnet-onnx@v1) for deployment:
 
   onnx    opset 17, ONNX checker, graph simplification (onnxslim), optional static or
           dynamic batch, fp16 (--half) or int8 QDQ (--int8, calibrated on --calib data)

@@ -21,7 +21,7 @@ ENV_SHARED = "FACELINK_SHARED"  # folder with data/ and models/ (default: ../sha
 ENV_DATA = "FACELINK_DATA"      # an LFW folder (default: $FACELINK_SHARED/data/lfw)
 ENV_CACHE = "FACELINK_CACHE"    # downloads and caches (default: ~/.cache/facelink)
 #: The bundled query model: what `embedding` payloads carry by default and the benchmarks measure.
-DEFAULT_QUERY_MODEL = "facelink-query-v8"
+DEFAULT_QUERY_MODEL = "facelink-query-v9"
 
 
 def shared_dir(override: str | os.PathLike[str] | None = None) -> Path:

@@ -30,7 +30,7 @@ def test_edge_path_with_the_learned_codec_and_the_query_model(
             "--edge-frames", "3", "--json", str(out)]
     assert latency.main(argv) == 0
     (edge,) = json.loads(out.read_text())["edge"]
-    assert edge["label"] == "learned" and edge["quality"] == 2 and edge["query_model"] == "facelink-query@v8"
+    assert edge["label"] == "learned" and edge["quality"] == 2 and edge["query_model"] == "facelink-query@v9"
     assert edge["faces"] >= 3 and edge["mean_observation_bytes"] < 2000
     assert edge["p50_ms"]["align + encode + query"] > 0
     assert "| learned q2 | fp32" in capsys.readouterr().out

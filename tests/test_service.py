@@ -172,7 +172,7 @@ def test_an_int8_query_model_on_the_board_is_matched_in_its_sources_space(
 def test_the_bundled_query_model_on_the_edge(engine_parts) -> None:
     edge = EdgePipeline(EdgeConfig(faces="central", payload="embedding"), detector=engine_parts[1])
     embedding = observe(edge, "Tony_Blair", 1).embedding
-    assert embedding.model_id == "facelink-query@v8" and embedding.dim == 128
+    assert embedding.model_id == "facelink-query@v9" and embedding.dim == 128
     vector = unpack_embedding(embedding.data, "int8", embedding.dim, embedding.scale)
     assert abs(float(np.linalg.norm(vector)) - 1.0) < 0.02
 

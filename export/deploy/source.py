@@ -7,7 +7,7 @@ name several (a learned codec's manifest has `encoder` and `decoder`, each an ob
 new kind of manifest plugs in with no change here as long as its ONNX files sit in
 `{"file": ..., "sha256": ...}` objects resolved by the runtime's rules (`${shared}/`,
 `${cache}/`, or relative to the manifest). Objects in a list are components too, named by
-their `gallery_model` (an ensemble's transforms: `ensemble-facelink-query-v8:dlib-resnet-onnx@v1`)
+their `gallery_model` (an ensemble's transforms: `ensemble-facelink-query-v9:dlib-resnet-onnx@v1`)
 or `<key>.<index>`.
 """
 
@@ -78,7 +78,7 @@ def _manifest_path(name_or_path: str) -> Path:
             raise ManifestError(f"manifest {path} does not exist")
         return path.resolve()
     # Model manifests by name, learned codec bundles by file stem (codec-default), ensembles
-    # of transforms by their query model's name with a prefix (ensemble-facelink-query-v8).
+    # of transforms by their query model's name with a prefix (ensemble-facelink-query-v9).
     bundled = (
         bundled_manifests()
         | {f"{CODEC_PREFIX}{name}": path for name, path in codec_manifests().items()}

@@ -1,7 +1,7 @@
 """Export a query model to ONNX and describe it with a manifest, so the runtime loads it like any recogniser.
 
-    python -m facelink.export.query.export --run-dir ~/.cache/facelink/runs/query-v8 \\
-        --out runtime/manifests/facelink-query-v8.json --version v8 --no-flip
+    python -m facelink.export.query.export --run-dir ~/.cache/facelink/runs/query-v9 \\
+        --out runtime/manifests/facelink-query-v9.json --version v9 --no-flip
 
 The ONNX graph takes (batch, 3, S, S) RGB normalised with MobileFaceNet's mean/std and returns
 the unnormalised (batch, 128) embedding; opset 17, dynamic batch, fp32 weights. The manifest

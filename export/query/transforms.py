@@ -1,7 +1,7 @@
 """Gallery -> query embedding transformations, trained from stored embeddings only.
 
-    python -m facelink.export.query.transforms --query runtime/manifests/facelink-query-v8.json \\
-        --gallery mobilefacenet --gallery dlib-resnet-onnx [--out runtime/manifests/asymmetric/facelink-query-v8.json]
+    python -m facelink.export.query.transforms --query runtime/manifests/facelink-query-v9.json \\
+        --gallery mobilefacenet --gallery dlib-resnet-onnx [--out runtime/manifests/asymmetric/facelink-query-v9.json]
 
 One small model per gallery model (Linial et al., "Asymmetric face recognition with cross model
 compatible ensembles", 2023): T(g) = A g + MLP(g), a residual linear map plus a two-layer MLP,
