@@ -1,6 +1,6 @@
 """Latency, size and memory of each model on each backend this machine has, and of the edge path.
 
-Per model (MobileFaceNet, YuNet, the query model, the learned codec's encoder and decoder, any
+Per model (MobileFaceNet, YuNet, the query model, the encoder and decoder of both bundled learned codecs, any
 manifest given with --model, `BUNDLE:COMPONENT` for one file of a bundle), precision (fp32, fp16, int8:
 exported by the same code as `facelink export`, reused when unchanged) and backend available
 here (ONNX Runtime CPU; ONNX Runtime CUDA / TensorRT execution providers and native TensorRT
@@ -47,8 +47,9 @@ from facelink.config import DEFAULT_QUERY_MODEL, cache_dir
 from . import reporting
 
 DEFAULT_JSON = Path("benchmarks/results/latency.json")
-DEFAULT_MODELS = ("mobilefacenet", "yunet", DEFAULT_QUERY_MODEL, "codec-default:encoder", "codec-default:decoder")
-DEFAULT_CODECS = ("jpeg@90", "learned")  # learned: its bundle's default quality
+DEFAULT_MODELS = ("mobilefacenet", "yunet", DEFAULT_QUERY_MODEL, "codec-default:encoder", "codec-default:decoder",
+                  "codec-wide:encoder", "codec-wide:decoder")
+DEFAULT_CODECS = ("jpeg@90", "learned", "learned:wide")  # learned: its bundle's default quality
 DEFAULT_QUERY = DEFAULT_QUERY_MODEL
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_FRAME = (640, 480)  # a VGA camera frame; YuNet needs multiples of 32
