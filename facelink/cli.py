@@ -347,7 +347,9 @@ examples:
     p.add_argument("--payload", choices=["face", "embedding"], default=defaults.payload,
                    help=f"what travels per face: the coded crop, or the query model's int8 embedding (default {defaults.payload})")
     p.add_argument("--codec", default=defaults.codec,
-                   help=f"face payload codec: jpeg, webp, png, learned (default {defaults.codec})")
+                   help=f"face payload codec: jpeg, webp, png, learned (the bundled 'default' learned codec), "
+                        f"learned:wide (fewer bytes, twice the encoder's compute), learned:<manifest.json> "
+                        f"(default {defaults.codec})")
     p.add_argument("--quality", type=int, default=defaults.quality,
                    help="codec quality: 1-100 for jpeg/webp, 1-5 for learned (default: the codec's own, "
                         "90 for jpeg/webp, the bundle's for learned)")
