@@ -767,8 +767,11 @@ def plot(rows: list[dict[str, Any]], set_name: str, path: Path) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(8, len(legend)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    ncol = min(8, len(legend))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8)
+    # Keep the panels (and their x labels) above the legend, however many rows it needs.
+    legend_rows = -(-len(legend) // ncol)
+    fig.tight_layout(rect=(0, (0.1 + 0.25 * legend_rows) / fig.get_figheight(), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
