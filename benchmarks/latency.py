@@ -47,9 +47,6 @@ from facelink.config import DEFAULT_QUERY_MODEL, cache_dir
 from . import reporting
 
 DEFAULT_JSON = Path("benchmarks/results/latency.json")
-DEFAULT_MODELS = ("mobilefacenet", "yunet", DEFAULT_QUERY_MODEL, "codec-default:encoder", "codec-default:decoder",
-                  "codec-wide:encoder", "codec-wide:decoder")
-DEFAULT_CODECS = ("jpeg@90", "learned", "learned:wide")  # learned: its bundle's default quality
 DEFAULT_QUERY = DEFAULT_QUERY_MODEL
 DEFAULT_BATCHES = (1, 2, 4, 8, 16)
 DEFAULT_FRAME = (640, 480)  # a VGA camera frame; YuNet needs multiples of 32
@@ -59,6 +56,29 @@ BACKEND_PROVIDERS = {
     "ort-tensorrt": "TensorrtExecutionProvider",
 }
 GPU_BACKENDS = ("ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+def _bundled_codecs() -> list[str]:
+    """Every bundled learned codec's name, the edge's default first."""
+    from facelink.runtime.codecs.learned import codec_manifests
+
+    return sorted(codec_manifests(), key=lambda name: (name != "default", name))
+
+
+def default_models() -> tuple[str, ...]:
+    """The recognisers and detector, then each bundled learned codec's encoder and decoder."""
+    from facelink.runtime.codecs.learned import CODEC_PREFIX
+
+    codecs = [f"{CODEC_PREFIX}{name}:{part}" for name in _bundled_codecs() for part in ("encoder", "decoder")]
+    return ("mobilefacenet", "yunet", DEFAULT_QUERY_MODEL, *codecs)
+
+
+def default_codecs() -> tuple[str, ...]:
+    """JPEG, and every bundled learned codec at its bundle's default quality (`learned` = 'default')."""
+    from facelink.runtime.codecs import LEARNED_ALIAS
+
+    learned = (LEARNED_ALIAS if name == "default" else f"{LEARNED_ALIAS}:{name}" for name in _bundled_codecs())
+    return ("jpeg@90", *learned)
 
 
 @dataclass(frozen=True)
@@ -275,7 +295,7 @@ def plan_runs(args: argparse.Namespace, backends: list[str]) -> tuple[list[Model
     cores = reporting.cpu_count()
     thread_counts = sorted({1, cores} if args.threads is None else {args.threads})
     runs, notes = [], []
-    models = [] if args.model == ["none"] else args.model or DEFAULT_MODELS
+    models = [] if args.model == ["none"] else args.model or default_models()
     for model in models:
         source = resolve_source(model)
         is_detector = source.task == "detection"
@@ -351,7 +371,7 @@ def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
     from facelink.runtime.codecs import LEARNED_ALIAS, default_quality
     from facelink.runtime.codecs.learned import CODEC_PREFIX
 
-    codecs = [c for c in (args.codec or DEFAULT_CODECS) if c != "none"]
+    codecs = [c for c in (args.codec or default_codecs()) if c != "none"]
     if not codecs:
         return []
     out = cache_dir() / "exports"
@@ -473,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         help="manifest name or path, BUNDLE:COMPONENT for one file of a bundle; repeat; 'none' skips the "
-        f"model rows (default: {', '.join(DEFAULT_MODELS)})",
+        f"model rows (default: {', '.join(default_models())})",
     )
     p.add_argument(
         "--precision", action="append", choices=["fp32", "fp16", "int8"], help="repeat (default: all three)"
@@ -501,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--codec",
         action="append",
         help="edge path codec as ID@QUALITY, repeat (default: "
-        f"{', '.join(DEFAULT_CODECS)}); 'none' skips the edge path",
+        f"{', '.join(default_codecs())}); 'none' skips the edge path",
     )
     p.add_argument(
         "--edge-precision",

@@ -538,11 +538,17 @@ BENCHMARKS = {
 }
 
 
+def _passthrough(rest: list[str]) -> list[str]:
+    """The options after `bench NAME` / `train JOB`, for the module's own parser. Whether argparse
+    keeps the `--` that separates them has changed between Python versions: drop it here."""
+    return rest[1:] if rest[:1] == ["--"] else rest
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
     module = importlib.import_module(BENCHMARKS[args.benchmark])
-    return module.main(args.rest)
+    return module.main(_passthrough(args.rest))
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -593,9 +599,8 @@ class ExportExtraMissing(RuntimeError):
 def _train(args: argparse.Namespace) -> int:
     import importlib
 
-    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     try:  # the jobs import torch at the top or inside main(): both land here
-        return importlib.import_module(TRAINING_JOBS[args.job]).main(rest) or 0
+        return importlib.import_module(TRAINING_JOBS[args.job]).main(_passthrough(args.rest)) or 0
     except ModuleNotFoundError as error:
         if error.name and error.name.split(".")[0] in ("torch", "compressai", "onnx", "onnxscript"):
             raise ExportExtraMissing(

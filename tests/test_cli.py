@@ -57,3 +57,10 @@ def test_train_hands_its_arguments_to_the_job(tmp_path, capsys: pytest.CaptureFi
     assert main(["train", "codec-frontier", "--", str(run), "--reference", str(reference)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("epoch   3") and "-10.0%" in out
+
+
+def test_the_separator_before_a_module_s_options_is_dropped_whatever_argparse_did() -> None:
+    from facelink.cli import _passthrough
+
+    assert _passthrough(["--", "--protocols", "edge"]) == ["--protocols", "edge"]
+    assert _passthrough(["--protocols", "edge"]) == ["--protocols", "edge"]

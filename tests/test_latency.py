@@ -34,3 +34,12 @@ def test_edge_path_with_the_learned_codec_and_the_query_model(
     assert edge["faces"] >= 3 and edge["mean_observation_bytes"] < 2000
     assert edge["p50_ms"]["align + encode + query"] > 0
     assert "| learned q2 | fp32" in capsys.readouterr().out
+
+
+def test_the_default_run_covers_every_bundled_learned_codec() -> None:
+    from facelink.benchmarks.latency import default_codecs, default_models
+    from facelink.runtime.codecs.learned import codec_manifests
+
+    for name in codec_manifests():
+        assert {f"codec-{name}:encoder", f"codec-{name}:decoder"} <= set(default_models())
+        assert ("learned" if name == "default" else f"learned:{name}") in default_codecs()
