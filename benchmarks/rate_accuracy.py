@@ -42,6 +42,17 @@ Sets:
   the pairs do not depend on any library's version. NOTE: the learned codec trains on
   celeba-dev, so its CelebA rows are on training pictures, not held out.
 
+Identity kept, per coded setting and recogniser: the cosine between each image's embedding after
+coding and before (`identity cosine`, mean and 5th percentile over images). The reference is
+the same protocol's uncoded crop (`edge`, `edge112`), so only the codec differs, or the original
+picture (`full`). Accuracy on 6,000 pairs moves by a pair at a time and the folds' spread is a
+few tenths, the size of the parity band; the cosine averages over every image and separates two
+codecs whose accuracies the noise mixes up.
+
+The same reading of each codec's curve of mean identity cosine against bpp gives the bpp at which
+it keeps as much identity as x265 at CRF 23 (`× x265 CRF 23 bpp, same identity cosine`): a
+comparison at x265's reference point that the pair noise does not blur.
+
 Bits per pixel at parity, per set, recogniser, protocol and codec: the lowest bpp at which the
 rate-accuracy curve comes within `TOLERANCE` (0.3) points of the originals' accuracy, the curve
 being the monotone (non-decreasing) least-squares fit of the measured points, linear between
@@ -533,9 +544,29 @@ def parity(bpp: Sequence[float], accuracy: Sequence[float], reference: float,
     return Parity(math.exp(log_rate), "interpolated")
 
 
+def identity_references(settings: Sequence[Setting]) -> dict[str, Setting]:
+    """Per protocol, the uncoded setting its coded ones are compared with (`identity cosine`): the
+    protocol's own crop, not coded, or for whole pictures (no crop) the original."""
+    original = next((s for s in settings if s.protocol == ORIGINAL), None)
+    references = {s.protocol: s for s in settings if s.make is None and s.protocol != ORIGINAL}
+    for s in settings:
+        if s.protocol != ORIGINAL and s.protocol not in references and original is not None:
+            references[s.protocol] = original
+    return references
+
+
+def identity_cosine(coded: np.ndarray, uncoded: np.ndarray) -> dict[str, float]:
+    """Per image, the cosine between its embedding after coding and before: mean and 5th percentile."""
+    a = coded / np.linalg.norm(coded, axis=1, keepdims=True)
+    b = uncoded / np.linalg.norm(uncoded, axis=1, keepdims=True)
+    cosine = np.sum(a * b, axis=1)
+    return {"mean": float(cosine.mean()), "p5": float(np.percentile(cosine, 5))}
+
+
 def evaluate(evalset: EvalSet, setting: Setting, recognizer, store: Store, pipeline: str,  # noqa: ANN001
-             landmarks: dict[str, np.ndarray | None]) -> dict[str, Any]:
-    """One row of the report: a setting's accuracy with one recogniser, its rate, PSNR and times."""
+             landmarks: dict[str, np.ndarray | None], reference: Setting | None = None) -> dict[str, Any]:
+    """One row of the report: a setting's accuracy with one recogniser, its rate, PSNR and times,
+    and (coded settings, given the uncoded `reference`) how much of each face's identity it keeps."""
     key = setting.key(pipeline)
     images = evalset.images
     names = [evalset.image_name(p) for p in images]
@@ -558,6 +589,11 @@ def evaluate(evalset: EvalSet, setting: Setting, recognizer, store: Store, pipel
     psnrs = [r.psnr for r in rows if r.psnr is not None]
     encoded = setting.make is not None
     embed_ms = np.array([stored[n][1] for n in names])
+    kept = None
+    if encoded and reference is not None:
+        before = store.embedded(reference.key(pipeline), model_key(recognizer))
+        if all(n in before for n in names):
+            kept = identity_cosine(embeddings, np.stack([before[n][0] for n in names]))
     return {
         "set": evalset.name,
         "recognizer": recognizer.model_id,
@@ -578,6 +614,7 @@ def evaluate(evalset: EvalSet, setting: Setting, recognizer, store: Store, pipel
         "fold_accuracies": [float(100 * x) for x in accs],
         "tar_at_far": float(100 * tar_at_far(scores, same, FAR_TARGET)),
         "eer": float(100 * eer(scores, same)),
+        "identity_cosine": kept,  # vs the uncoded reference; None when nothing is coded
         "faces_not_detected": sum(landmarks[n] is None for n in names),
         "redetect_fallbacks": (sum(r.redetected is False for r in rows)
                                if setting.protocol == "full" else None),
@@ -595,9 +632,13 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def parity_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One parity point per (set, recogniser, protocol, codec family), with its ratio to x265 CRF 23."""
+    """One parity point per (set, recogniser, protocol, codec family), with its ratio to x265 CRF 23;
+    and where the curve keeps as much identity as x265 CRF 23 (the same `parity` reading of the
+    monotone fit, on the mean identity cosine, with x265 CRF 23's cosine as the target)."""
     originals = {(r["set"], r["recognizer"]): r["accuracy_mean"] for r in rows if r["protocol"] == ORIGINAL}
     reference = {(r["set"], r["protocol"]): r["bpp"] for r in rows if (r["codec"], r["quality"]) == REFERENCE}
+    kept_by_x265 = {(r["set"], r["recognizer"], r["protocol"]): r["identity_cosine"]["mean"]
+                    for r in rows if (r["codec"], r["quality"]) == REFERENCE and r.get("identity_cosine")}
     curves: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r["bpp"] is not None:
@@ -608,6 +649,12 @@ def parity_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         point = parity([r["bpp"] for r in curve], [r["accuracy_mean"] for r in curve], original)
         x265 = reference.get((set_name, protocol))
         pixels = curve[0]["pixels_per_face"]
+        target = kept_by_x265.get((set_name, recognizer, protocol))
+        matched = None
+        if target is not None and all(r.get("identity_cosine") for r in curve):
+            matched = parity([r["bpp"] for r in curve], [r["identity_cosine"]["mean"] for r in curve],
+                             target, tolerance=0.0)
+        same_identity = None if matched is None else matched.bpp
         out.append({
             "set": set_name, "recognizer": recognizer, "protocol": protocol, "codec": codec,
             "original_accuracy": original, "tolerance": TOLERANCE,
@@ -615,6 +662,11 @@ def parity_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "bytes_per_face": None if point.bpp is None else point.bpp * pixels / 8,
             "x265_crf23_bpp": x265,
             "ratio_to_x265_crf23": None if point.bpp is None or x265 is None else point.bpp / x265,
+            "x265_crf23_identity_cosine": target,
+            "bpp_at_x265_crf23_identity": same_identity,
+            "identity_status": None if matched is None else matched.status,
+            "identity_ratio_to_x265_crf23": (None if same_identity is None or x265 is None
+                                             else same_identity / x265),
         })
     return out
 
@@ -622,6 +674,21 @@ def parity_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # -- report --------------------------------------------------------------------------------------
 def _acc(row: dict[str, Any]) -> str:
     return f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f}"
+
+
+def _identity_match(p: dict[str, Any]) -> str:
+    """The ratio at x265 CRF 23's identity cosine, marked when it is a bound or not reached."""
+    status = p.get("identity_status")
+    if status is None:
+        return "-"
+    if status == "not reached":
+        return "not reached"
+    return ("≤ " if status.startswith("at or below") else "") + _num(p["identity_ratio_to_x265_crf23"], ".2f")
+
+
+def _cosine(row: dict[str, Any] | None) -> str:
+    kept = row and row.get("identity_cosine")
+    return f"{kept['mean']:.4f}" if kept else "-"
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -641,8 +708,9 @@ def format_report(rows: list[dict[str, Any]], parities: list[dict[str, Any]], he
         for protocol in dict.fromkeys(r["protocol"] for r in in_set if r["protocol"] != ORIGINAL):
             full = protocol == "full"
             head = ["codec", "bytes/face", "bpp", "PSNR dB", *[f"{m} acc %" for m in recognizers],
+                    "identity cosine (" + " / ".join(recognizers) + ")",
                     *(["re-detect fallbacks"] if full else []), "encode ms", "decode ms"]
-            table = [["original", "-", "-", "-", *[_acc(originals[m]) for m in recognizers],
+            table = [["original", "-", "-", "-", *[_acc(originals[m]) for m in recognizers], "-",
                       *(["-"] if full else []), "-", "-"]]
             by_label: dict[str, dict[str, dict[str, Any]]] = {}
             for r in in_set:
@@ -653,6 +721,7 @@ def format_report(rows: list[dict[str, Any]], parities: list[dict[str, Any]], he
                 table.append([
                     label, _num(r["bytes_per_face"], ".0f"), _num(r["bpp"], ".3f"), _num(r["psnr_db"], ".2f"),
                     *[_acc(per_model[m]) if m in per_model else "-" for m in recognizers],
+                    " / ".join(_cosine(per_model.get(m)) for m in recognizers),
                     *([_num(r["redetect_fallbacks"], "d")] if full else []),
                     _num(r["encode_ms"] and r["encode_ms"]["median"], ".2f"),
                     _num(r["decode_ms"] and r["decode_ms"]["median"], ".2f"),
@@ -664,10 +733,10 @@ def format_report(rows: list[dict[str, Any]], parities: list[dict[str, Any]], he
         table = [[p["protocol"], p["recognizer"], p["codec"], f"{p['original_accuracy']:.2f}",
                   ("≤ " if p["status"].startswith("at or below") else "") + _num(p["bpp"], ".3f"),
                   _num(p["bytes_per_face"], ".0f"), _num(p["ratio_to_x265_crf23"], ".2f"),
-                  p["status"] if p["status"] != "interpolated" else ""]
+                  _identity_match(p), p["status"] if p["status"] != "interpolated" else ""]
                  for p in sorted(in_parity, key=lambda p: (p["protocol"], p["recognizer"]))]
         head = ["protocol", "recogniser", "codec", "originals %", "bpp at parity", "bytes/face at parity",
-                "× x265 CRF 23 bpp", "note"]
+                "× x265 CRF 23 bpp", "× x265 CRF 23 bpp, same identity cosine", "note"]
         lines += [f"### parity: lowest bpp at which accuracy (monotone fit) comes within {TOLERANCE} points"
                   " of the originals", "", *reporting.markdown_table(head, table)]
         x265 = [r for r in in_set
@@ -676,7 +745,9 @@ def format_report(rows: list[dict[str, Any]], parities: list[dict[str, Any]], he
             lines += ["", "x265 CRF 23 lands at: " + "; ".join(
                 f"{r['protocol']} {r['bytes_per_face']:.0f} bytes/face = {r['bpp']:.3f} bpp" for r in x265)]
     lines += ["", ("accuracy: 10-fold, threshold chosen on the other folds, mean ± std over folds;"
-                   " bpp: 8 x total bytes / total coded pixels; encode/decode: median ms per image, one"
+                   " bpp: 8 x total bytes / total coded pixels; identity cosine: mean over images of the"
+                   " cosine between the embedding after coding and before (the protocol's uncoded crop,"
+                   " or the original picture); encode/decode: median ms per image, one"
                    " thread, measured when the cache was filled.")]
     return "\n".join(lines)
 
@@ -728,6 +799,30 @@ def cost_table(rows: list[dict[str, Any]],
     return lines, entries
 
 
+def _identity_panel(ax, rows: list[dict[str, Any]], set_name: str, protocol: str,  # noqa: ANN001
+                    recognizer: str) -> None:
+    """Mean identity cosine against bpp, one curve per codec family (same colours as above)."""
+    curve = [r for r in rows if r["protocol"] == protocol and r["recognizer"] == recognizer
+             and r["bpp"] and r.get("identity_cosine")]
+    for codec in dict.fromkeys(r["codec"] for r in curve):
+        points = sorted((r["bpp"], r["identity_cosine"]["mean"]) for r in curve if r["codec"] == codec)
+        ax.plot(*zip(*points), marker="o", ms=3, label=codec)
+    for r in curve:
+        if (r["codec"], r["quality"]) == REFERENCE:
+            ax.plot(r["bpp"], r["identity_cosine"]["mean"], marker="*", ms=12, color="k", ls="none",
+                    label="x265 CRF 23")
+    # Zoom on the learned codecs and x265 CRF 23 (the coarsest baselines would squash them).
+    focus = [r["identity_cosine"]["mean"] for r in curve
+             if r["codec"].startswith(LEARNED) or (r["codec"], r["quality"]) == REFERENCE]
+    if focus:
+        ax.set_ylim(1 - 1.5 * (1 - min(focus)), 1.0)
+    ax.set_xscale("log")
+    ax.set_title(f"{set_name}, {protocol}, {recognizer}: identity kept", fontsize=9)
+    ax.set_xlabel("bits per pixel")
+    ax.set_ylabel("cosine to the uncoded embedding")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(rows: list[dict[str, Any]], set_name: str, path: Path) -> None:
     import matplotlib
 
@@ -737,11 +832,13 @@ def plot(rows: list[dict[str, Any]], set_name: str, path: Path) -> None:
     in_set = [r for r in rows if r["set"] == set_name]
     recognizers = list(dict.fromkeys(r["recognizer"] for r in in_set))
     protocol_names = list(dict.fromkeys(r["protocol"] for r in in_set if r["protocol"] != ORIGINAL))
-    fig, axes = plt.subplots(len(protocol_names), len(recognizers), squeeze=False,
-                             figsize=(5.5 * len(recognizers), 4.2 * len(protocol_names)))
+    # Per protocol two rows of panels: verification accuracy, then the identity cosine (less noisy).
+    fig, axes = plt.subplots(2 * len(protocol_names), len(recognizers), squeeze=False,
+                             figsize=(5.5 * len(recognizers), 4.2 * 2 * len(protocol_names)))
     for i, protocol in enumerate(protocol_names):
         for j, recognizer in enumerate(recognizers):
-            ax = axes[i][j]
+            _identity_panel(axes[2 * i + 1][j], in_set, set_name, protocol, recognizer)
+            ax = axes[2 * i][j]
             original = next(r for r in in_set if r["protocol"] == ORIGINAL and r["recognizer"] == recognizer)
             ref = original["accuracy_mean"]
             ax.axhspan(ref - TOLERANCE, ref + TOLERANCE, color="0.85", label=f"originals ± {TOLERANCE}")
@@ -892,7 +989,8 @@ def main(argv: list[str] | None = None) -> int:
         for evalset in evalsets:
             measure(evalset, settings, recognizers, store, pipeline, detector, args.no_cache)
             landmarks = store.located(pipeline)
-            rows += [evaluate(evalset, s, r, store, pipeline, landmarks)
+            references = identity_references(settings)
+            rows += [evaluate(evalset, s, r, store, pipeline, landmarks, references.get(s.protocol))
                      for s in settings for r in recognizers]
     finally:
         store.close()

@@ -92,6 +92,29 @@ def test_parity_rows_give_the_ratio_to_x265_crf23() -> None:
     assert x265["ratio_to_x265_crf23"] == pytest.approx(x265["bpp"] / 0.5)
     assert x265["bytes_per_face"] == pytest.approx(x265["bpp"] * 16384 / 8)
     assert by_codec["jpeg"]["bpp"] is None and by_codec["jpeg"]["ratio_to_x265_crf23"] is None
+    assert x265["identity_status"] is None  # no identity cosine measured: no identity match
+
+
+def test_parity_rows_match_x265_crf23s_identity_cosine() -> None:
+    def row(codec: str, quality: int | None, bpp: float | None, acc: float, cosine: float | None) -> dict:
+        return {"set": "lfw", "recognizer": "m", "protocol": ra.ORIGINAL if bpp is None else "edge",
+                "codec": codec, "quality": quality, "bpp": bpp, "accuracy_mean": acc,
+                "pixels_per_face": 16384.0, "identity_cosine": None if cosine is None else {"mean": cosine}}
+
+    rows = [
+        row(ra.NOT_CODED, None, None, 99.0, None),
+        row("x265", 18, 1.0, 99.0, 0.99),
+        row("x265", 23, 0.5, 98.8, 0.96),
+        row("learned:x", 1, 0.2, 98.0, 0.94),
+        row("learned:x", 2, 0.4, 98.5, 0.98),
+    ]
+    by_codec = {p["codec"]: p for p in ra.parity_rows(rows)}
+    assert by_codec["x265"]["bpp_at_x265_crf23_identity"] == pytest.approx(0.5)
+    learned = by_codec["learned:x"]
+    # 0.96 is half way from 0.94 to 0.98: half way from 0.2 to 0.4 bpp in log scale.
+    assert learned["bpp_at_x265_crf23_identity"] == pytest.approx(0.2 * 2**0.5)
+    assert learned["identity_ratio_to_x265_crf23"] == pytest.approx(0.2 * 2**0.5 / 0.5)
+    assert learned["status"] == "not reached"  # accuracy parity is a separate reading
 
 
 # --- the CelebA pairs protocol -----------------------------------------------------------------
@@ -236,3 +259,25 @@ def test_end_to_end_tiny(
     again = {(r["protocol"], r["label"]): r for r in json.loads(out.read_text())["rows"]}
     assert again[("edge", "jpeg q20")]["accuracy_mean"] == low["accuracy_mean"]
     assert again[("edge", "jpeg q20")]["encode_ms"] == low["encode_ms"]  # not re-measured
+
+
+# --- identity kept -------------------------------------------------------------------------------
+def test_identity_cosine_compares_each_image_with_itself_uncoded() -> None:
+    rng = np.random.default_rng(0)
+    uncoded = rng.normal(size=(40, 8))
+    assert ra.identity_cosine(3 * uncoded, uncoded) == pytest.approx({"mean": 1.0, "p5": 1.0})
+    flipped = uncoded.copy()
+    flipped[:4] *= -1  # a tenth of the faces lose their identity entirely
+    kept = ra.identity_cosine(flipped, uncoded)
+    assert kept["mean"] == pytest.approx(0.8) and kept["p5"] == pytest.approx(-1.0)
+
+
+def test_identity_references_are_the_uncoded_crop_or_the_original() -> None:
+    def setting(protocol: str, codec: str, coded: bool) -> ra.Setting:
+        return ra.Setting(protocol, codec, 1 if coded else None, f"{protocol} {codec}", {"codec": codec},
+                          {"protocol": protocol}, (lambda: None) if coded else None)
+
+    original = setting(ra.ORIGINAL, ra.NOT_CODED, False)
+    crop = setting("edge", ra.NOT_CODED, False)
+    settings = [original, crop, setting("edge", "x265", True), setting("full", "x265", True)]
+    assert ra.identity_references(settings) == {"edge": crop, "full": original}
