@@ -799,6 +799,17 @@ def cost_table(rows: list[dict[str, Any]],
     return lines, entries
 
 
+def _bpp_axis(ax) -> None:  # noqa: ANN001
+    """Log bits per pixel, labelled in plain numbers (0.3, 0.4, ...: '3x10^-1' labels collide)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("bits per pixel")
+
+
 def _identity_panel(ax, rows: list[dict[str, Any]], set_name: str, protocol: str,  # noqa: ANN001
                     recognizer: str) -> None:
     """Mean identity cosine against bpp, one curve per codec family (same colours as above)."""
@@ -816,9 +827,8 @@ def _identity_panel(ax, rows: list[dict[str, Any]], set_name: str, protocol: str
              if r["codec"].startswith(LEARNED) or (r["codec"], r["quality"]) == REFERENCE]
     if focus:
         ax.set_ylim(1 - 1.5 * (1 - min(focus)), 1.0)
-    ax.set_xscale("log")
+    _bpp_axis(ax)
     ax.set_title(f"{set_name}, {protocol}, {recognizer}: identity kept", fontsize=9)
-    ax.set_xlabel("bits per pixel")
     ax.set_ylabel("cosine to the uncoded embedding")
     ax.grid(True, which="both", alpha=0.3)
 
@@ -854,10 +864,9 @@ def plot(rows: list[dict[str, Any]], set_name: str, path: Path) -> None:
                 if (r["codec"], r["quality"]) == REFERENCE:
                     ax.plot(r["bpp"], r["accuracy_mean"], marker="*", ms=12, color="k", ls="none",
                             label="x265 CRF 23")
-            ax.set_xscale("log")
+            _bpp_axis(ax)
             ax.set_ylim(max(lowest - 0.5, ref - 10), ref + 1.0)
             ax.set_title(f"{set_name}, {protocol}, {recognizer}", fontsize=9)
-            ax.set_xlabel("bits per pixel")
             ax.set_ylabel("verification accuracy %")
             ax.grid(True, which="both", alpha=0.3)
     legend: dict[str, Any] = {}  # one entry per label, whichever panel drew it
