@@ -557,16 +557,23 @@ def identity_references(settings: Sequence[Setting]) -> dict[str, Setting]:
 
 def identity_cosine(coded: np.ndarray, uncoded: np.ndarray) -> dict[str, float]:
     """Per image, the cosine between its embedding after coding and before: mean and 5th percentile."""
-    a = coded / np.linalg.norm(coded, axis=1, keepdims=True)
-    b = uncoded / np.linalg.norm(uncoded, axis=1, keepdims=True)
-    cosine = np.sum(a * b, axis=1)
+    n = len(coded)
+    cosine = pair_scores(np.concatenate([coded, uncoded]), np.arange(n), np.arange(n, 2 * n))
     return {"mean": float(cosine.mean()), "p5": float(np.percentile(cosine, 5))}
 
 
+def stored_embeddings(evalset: EvalSet, store: Store, key: str, model: str) -> np.ndarray | None:
+    """A setting's embeddings of the set's images, in image order; None if any is missing."""
+    stored = store.embedded(key, model)
+    names = [evalset.image_name(p) for p in evalset.images]
+    return np.stack([stored[n][0] for n in names]) if all(n in stored for n in names) else None
+
+
 def evaluate(evalset: EvalSet, setting: Setting, recognizer, store: Store, pipeline: str,  # noqa: ANN001
-             landmarks: dict[str, np.ndarray | None], reference: Setting | None = None) -> dict[str, Any]:
+             landmarks: dict[str, np.ndarray | None], uncoded: np.ndarray | None = None) -> dict[str, Any]:
     """One row of the report: a setting's accuracy with one recogniser, its rate, PSNR and times,
-    and (coded settings, given the uncoded `reference`) how much of each face's identity it keeps."""
+    and (coded settings, given the `uncoded` reference's embeddings in image order) how much of each
+    face's identity it keeps."""
     key = setting.key(pipeline)
     images = evalset.images
     names = [evalset.image_name(p) for p in images]
@@ -589,11 +596,7 @@ def evaluate(evalset: EvalSet, setting: Setting, recognizer, store: Store, pipel
     psnrs = [r.psnr for r in rows if r.psnr is not None]
     encoded = setting.make is not None
     embed_ms = np.array([stored[n][1] for n in names])
-    kept = None
-    if encoded and reference is not None:
-        before = store.embedded(reference.key(pipeline), model_key(recognizer))
-        if all(n in before for n in names):
-            kept = identity_cosine(embeddings, np.stack([before[n][0] for n in names]))
+    kept = identity_cosine(embeddings, uncoded) if encoded and uncoded is not None else None
     return {
         "set": evalset.name,
         "recognizer": recognizer.model_id,
@@ -998,8 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
         for evalset in evalsets:
             measure(evalset, settings, recognizers, store, pipeline, detector, args.no_cache)
             landmarks = store.located(pipeline)
-            references = identity_references(settings)
-            rows += [evaluate(evalset, s, r, store, pipeline, landmarks, references.get(s.protocol))
+            # Each protocol's uncoded embeddings, read once per recogniser, not once per setting.
+            uncoded = {(protocol, model_key(r)): stored_embeddings(evalset, store, s.key(pipeline), model_key(r))
+                       for protocol, s in identity_references(settings).items() for r in recognizers}
+            rows += [evaluate(evalset, s, r, store, pipeline, landmarks,
+                              uncoded.get((s.protocol, model_key(r))))
                      for s in settings for r in recognizers]
     finally:
         store.close()
