@@ -8,6 +8,10 @@ per face, for every codec setting:
 - `original`: the original picture, detected and recognised (the reference);
 - every quality 1..Q of every bundled learned codec (`runtime/manifests/codec-<name>.json`;
   they appear here as soon as their weights are committed);
+- with `--face-aware NAME` and the `full` protocol, also codec NAME coding whole pictures with
+  the bits on the faces (`learned:NAME+faces`, `runtime.codecs.face_aware`: the encoder detects
+  the faces on the original, codes the latent cells under each face's canonical crop at the
+  quality and the rest at the coarse background of `config.FaceRegionCoding`);
 - the baselines of `baseline_codecs`: x265 over a CRF sweep that includes 23, JPEG, WebP, AVIF
   and JPEG XL over quality sweeps (`SWEEPS`).
 
@@ -94,7 +98,7 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from tqdm import tqdm
 
-from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, cache_dir
+from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, FaceRegionCoding, cache_dir
 from facelink.datasets import LFW, CelebADev, DatasetNotFoundError, Pair
 
 from . import reporting
@@ -130,6 +134,7 @@ SWEEPS: dict[str, tuple[int, ...]] = {
     "jxl": (1, 5, 10, 20, 35, 55, 75),
 }
 LEARNED = "learned"
+FACE_AWARE = "+faces"  # suffix of a learned codec family coding whole pictures face-aware
 NOT_CODED = "none"
 ORIGINAL = "original"
 
@@ -206,9 +211,20 @@ def learned_codecs() -> dict[str, tuple[str, int]]:
     return found
 
 
+def face_aware_codec(name: str, quality: int) -> Codec:
+    """Learned codec `name` at `quality` on the faces of whole pictures, found by the benchmark's detector."""
+    from facelink.runtime.codecs import create_codec
+    from facelink.runtime.codecs.face_aware import FaceAwareCodec
+    from facelink.runtime.detection import create_detector
+
+    return FaceAwareCodec(create_codec(f"{LEARNED}:{name}", quality), create_detector(DetectorConfig()),
+                          FaceRegionCoding())
+
+
 def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str, Sequence[int]],
-                   x265_preset: str) -> list[Setting]:
-    """The coded settings of one protocol: every learned codec at every quality, then the baselines."""
+                   x265_preset: str, face_aware: Sequence[str] = ()) -> list[Setting]:
+    """The coded settings of one protocol: every learned codec at every quality (and, on whole
+    pictures, the `face_aware` ones with their bits on the faces), then the baselines."""
     from facelink.runtime.codecs import create_codec
 
     from .baseline_codecs import create_baseline
@@ -223,6 +239,13 @@ def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str
                 spec = {"codec": codec_id, "q": q}
                 settings.append(Setting(protocol.name, family, q, f"{family} q{q}", spec, geometry,
                                         lambda n=name, q=q: create_codec(f"{LEARNED}:{n}", q)))
+            if name in face_aware and protocol.template is None:
+                for q in range(1, qualities + 1):
+                    family = f"{LEARNED}:{name}{FACE_AWARE}"
+                    # The detector is the benchmark's (DetectorConfig()), which the pipeline key holds.
+                    spec = {"codec": codec_id, "q": q, "regions": FaceRegionCoding().model_dump(mode="json")}
+                    settings.append(Setting(protocol.name, family, q, f"{family} q{q}", spec, geometry,
+                                            lambda n=name, q=q: face_aware_codec(n, q)))
     for family in families:
         if family == LEARNED:
             continue
@@ -909,6 +932,7 @@ examples:
   facelink bench rate-accuracy -- --limit-pairs 100
   facelink bench rate-accuracy -- --protocols edge,full --codecs x265,jpeg
   facelink bench rate-accuracy -- --codecs jpeg --quality jpeg=30,50 --recognizer mobilefacenet
+  facelink bench rate-accuracy -- --protocols full --codecs learned,x265 --face-aware wide
   facelink bench rate-accuracy -- --sets lfw,celeba --codecs learned,x265""",
     )
     p.add_argument("--sets", type=_csv, default=["lfw"],
@@ -921,6 +945,9 @@ examples:
                    help="edge, edge112, full, comma-separated (default all)")
     p.add_argument("--codecs", type=_csv, default=[LEARNED, *SWEEPS],
                    help=f"codec families, comma-separated: {LEARNED}, {', '.join(SWEEPS)} (default all)")
+    p.add_argument("--face-aware", type=_csv, default=[], metavar="NAME,NAME",
+                   help="learned codecs (bundle names, e.g. wide) also measured coding whole pictures with "
+                        "their bits on the faces, on the full protocol (default none)")
     p.add_argument("--quality", action="append", default=[], metavar="FAMILY=Q,Q",
                    help="override a baseline's sweep, e.g. jpeg=30,50 (repeatable)")
     p.add_argument("--x265-preset", default="medium", help="x265 preset (default medium)")
@@ -963,6 +990,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not given:
             parser.error(f"{option}: expected some of {', '.join(allowed)}, "
                          f"got {', '.join(unknown) or 'nothing'}")
+    if args.face_aware:
+        bundled = learned_codecs()
+        unknown = sorted(set(args.face_aware) - set(bundled))
+        if unknown or "full" not in args.protocols or LEARNED not in args.codecs:
+            parser.error(f"--face-aware: expected bundled learned codecs ({', '.join(bundled)}) with --protocols "
+                         f"including full and --codecs including {LEARNED}, got {', '.join(args.face_aware)}")
     if args.limit_pairs is not None and args.limit_pairs < 1:
         parser.error(f"--limit-pairs must be at least 1, got {args.limit_pairs}")
     sweeps = _sweeps(parser, args.quality)
@@ -986,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
         original = Setting(ORIGINAL, NOT_CODED, None, ORIGINAL, {"codec": NOT_CODED}, {"protocol": ORIGINAL})
         settings = [original]
         for name in args.protocols:
-            settings += codec_settings(protocol_info[name], args.codecs, sweeps, args.x265_preset)
+            settings += codec_settings(protocol_info[name], args.codecs, sweeps, args.x265_preset, args.face_aware)
     except (DatasetNotFoundError, ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

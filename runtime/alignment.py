@@ -95,6 +95,16 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return (points @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
 
 
+def crop_footprint(landmarks: np.ndarray, template: Template) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1) of the picture that `warp_face(image, landmarks, template)` samples:
+    the bounds of the crop's corners mapped back into the picture."""
+    matrix = similarity_transform(template.points, check_landmarks(landmarks))  # crop -> picture
+    width, height = template.size
+    corners = transform_points(matrix, np.array([[0, 0], [width, 0], [0, height], [width, height]], np.float64))
+    (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
 def warp_face(image: np.ndarray, landmarks: np.ndarray, template: Template) -> tuple[np.ndarray, np.ndarray]:
     """Warp `image` so that `landmarks` land on `template`.
 

@@ -86,3 +86,15 @@ def test_bad_landmarks_are_refused(landmarks: np.ndarray, message: str) -> None:
 def test_template_validates_its_points() -> None:
     with pytest.raises(ValueError, match="5 finite"):
         Template(np.zeros((3, 2)), (10, 10))
+
+
+def test_crop_footprint_is_the_region_warp_face_samples() -> None:
+    from facelink.runtime.alignment import ARCFACE, crop_footprint
+
+    assert crop_footprint(ARCFACE.points, ARCFACE) == pytest.approx((0, 0, 112, 112), abs=1e-3)
+    # Landmarks at twice the template's scale, shifted: the crop samples twice the area, shifted.
+    assert crop_footprint(ARCFACE.points * 2 + 10, ARCFACE) == pytest.approx((10, 10, 234, 234), abs=1e-3)
+    # Rotated 90 degrees about the crop's centre: the bounds of the rotated square are the square.
+    centre = np.array([56, 56], np.float32)
+    rotated = (ARCFACE.points - centre) @ np.array([[0, 1], [-1, 0]], np.float32) + centre
+    assert crop_footprint(rotated, ARCFACE) == pytest.approx((0, 0, 112, 112), abs=1e-2)

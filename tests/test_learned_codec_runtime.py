@@ -81,6 +81,19 @@ def test_corrupt_truncated_and_foreign_streams_raise_typed_errors(bundle: Path, 
         other.decode(data)
 
 
+def test_a_header_claiming_a_huge_picture_is_refused_at_once(bundle: Path) -> None:
+    """A few bytes must not make the decoder decode millions of symbols (or allocate for them)."""
+    codec = LearnedFaceCodec.load(bundle, quality=1)
+    forge = lambda width, height: bitstream.pack(  # noqa: E731
+        bitstream.Header(codec.manifest.tag, 1, width, height), b"\x01\x02\x03\x04")
+    with pytest.raises(CodecError, match="larger than the learned codec's limit"):
+        codec.decode(forge(65535, 65535))
+    with pytest.raises(CodecError, match="4 bytes cannot hold a 63x63 latent"):
+        codec.decode(forge(1000, 1000))
+    with pytest.raises(ValueError, match="larger than the learned codec's limit"):
+        codec.encode(np.zeros((1, 3_000_000, 3), np.uint8))
+
+
 def test_header_fields_and_quality_bounds(bundle: Path) -> None:
     codec = LearnedFaceCodec.load(bundle, quality=1)
     header, _ = bitstream.unpack(codec.encode(smooth_face(40, 70)))

@@ -9,6 +9,8 @@ Learned codecs are registered under the id their weights give them (`flc-<name>-
 `learned.py`), and `learned` / `learned:<name>` are aliases the edge's configuration may use;
 `learned:<path.json>` loads a bundle manifest from anywhere (the int8 encoder `facelink export
 codec-default:encoder --int8` writes shares the bundled codec's id: the cloud decodes its streams).
+Whole pictures with the bits on the faces: `face_aware.FaceAwareCodec` (bitstream version 2,
+decoded by the same learned codec).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The learned codec's bitstream, version 1: a small self-describing, checksummed container.
+"""The learned codec's bitstream: a small self-describing, checksummed container.
+
+Version 1, a picture coded at one quality (what the edge sends for each face crop):
 
     offset  size  field
     0       2     magic b"\\xfa\\xce"
@@ -13,6 +15,21 @@
 About 14 bytes in all for a 128x128 face: small next to a few hundred bytes of payload, and
 worth it, since a stream that is corrupt, truncated or foreign is refused with a clear error
 instead of decoding into garbage.
+
+Version 2, a whole picture coded with its bits on the faces (`face_aware.FaceAwareCodec`): the
+latent cells (one per `stride` x `stride` pixels) inside the regions are coded at the header's
+quality, every other cell at a coarse background level. After the height:
+
+    1       background quality (1-based rate point whose table codes the background)
+    1       background step: the background's quantisation step, in multiples of that
+            quality's (1-255; 2 halves the background's symbols)
+    1+      number of regions (varint, at least 1)
+    4 x 1+  each region's first column, first row, end column, end row, in latent cells
+            (varints; half-open, so a region covers x0 <= x < x1, y0 <= y < y1)
+
+and the payload is the regions' symbols (their cells in raster order), then the background's:
+a varint with the length of the first part, the first part, the second part. Both ends derive
+which cell is which from these integers alone, so decoding still depends only on the bytes.
 """
 
 from __future__ import annotations
@@ -24,13 +41,34 @@ from dataclasses import dataclass
 from .base import CodecError
 
 MAGIC = b"\xfa\xce"
-VERSION = 1
+VERSION = 1          # one quality over the whole picture
+REGIONS_VERSION = 2  # regions at the header's quality, the rest at a background level
+VERSIONS = (VERSION, REGIONS_VERSION)
 TAG_BYTES = 4
 _MAX_SIDE = 1 << 16
+_MAX_REGIONS = 256
 
 
 class BitstreamError(CodecError):
     """A bitstream that is not a valid facelink learned-codec stream."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of latent cells, half-open: x0 <= x < x1, y0 <= y < y1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass(frozen=True)
+class Background:
+    """How the cells outside every region are coded: a quality's table at `step` times its step."""
+
+    quality: int
+    step: int = 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +77,12 @@ class Header:
     quality: int
     width: int
     height: int
+    regions: tuple[Region, ...] = ()         # empty: one quality over the whole picture (version 1)
+    background: Background | None = None     # set exactly when there are regions
+
+    @property
+    def version(self) -> int:
+        return REGIONS_VERSION if self.regions else VERSION
 
 
 def _varint(value: int) -> bytes:
@@ -51,7 +95,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
+def _read_varint(data: bytes, pos: int, what: str, max_shift: int = 21) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data):
@@ -62,8 +106,21 @@ def _read_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos
         shift += 7
-        if shift > 21:  # sides are < 2^16: three varint bytes at most
+        if shift > max_shift:  # sides are < 2^16: three varint bytes at most
             raise BitstreamError(f"corrupt bitstream: the {what} is not a valid size")
+
+
+def join_payload(regions: bytes, background: bytes) -> bytes:
+    """A version-2 payload: the regions' part, then the background's."""
+    return _varint(len(regions)) + regions + background
+
+
+def split_payload(payload: bytes) -> tuple[bytes, bytes]:
+    """The regions' and the background's parts of a version-2 payload."""
+    length, pos = _read_varint(payload, 0, "length of the regions' payload", max_shift=28)
+    if pos + length > len(payload):
+        raise BitstreamError(f"corrupt bitstream: the regions' payload ({length} bytes) runs past the end")
+    return payload[pos : pos + length], payload[pos + length :]
 
 
 def pack(header: Header, payload: bytes) -> bytes:
@@ -73,8 +130,23 @@ def pack(header: Header, payload: bytes) -> bytes:
         raise ValueError(f"quality must be in 1..255, got {header.quality}")
     if not (0 < header.width < _MAX_SIDE and 0 < header.height < _MAX_SIDE):
         raise ValueError(f"picture sides must be in 1..{_MAX_SIDE - 1}, got {header.width}x{header.height}")
-    body = MAGIC + bytes([VERSION]) + header.codec_tag + bytes([header.quality])
-    body += _varint(header.width) + _varint(header.height) + payload
+    if bool(header.regions) != (header.background is not None):
+        raise ValueError("a header has a background exactly when it has regions")
+    body = MAGIC + bytes([header.version]) + header.codec_tag + bytes([header.quality])
+    body += _varint(header.width) + _varint(header.height)
+    if header.regions:
+        background = header.background
+        assert background is not None
+        if not (1 <= background.quality <= 255 and 1 <= background.step <= 255):
+            raise ValueError(f"background quality and step must be in 1..255, got {background}")
+        if len(header.regions) > _MAX_REGIONS:
+            raise ValueError(f"at most {_MAX_REGIONS} regions, got {len(header.regions)}")
+        body += bytes([background.quality, background.step]) + _varint(len(header.regions))
+        for r in header.regions:
+            if not (0 <= r.x0 < r.x1 and 0 <= r.y0 < r.y1):
+                raise ValueError(f"a region must be a non-empty rectangle of cells, got {r}")
+            body += b"".join(_varint(v) for v in (r.x0, r.y0, r.x1, r.y1))
+    body += payload
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -85,8 +157,9 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     if data[:2] != MAGIC:
         raise BitstreamError(f"not a facelink learned-codec bitstream (magic {data[:2].hex()}, expected {MAGIC.hex()})")
     version = data[2]
-    if version != VERSION:
-        raise BitstreamError(f"bitstream version {version} is not supported by this build (supported: {VERSION})")
+    if version not in VERSIONS:
+        supported = ", ".join(map(str, VERSIONS))
+        raise BitstreamError(f"bitstream version {version} is not supported by this build (supported: {supported})")
     body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise BitstreamError("corrupt bitstream: checksum mismatch (truncated or altered in transit)")
@@ -97,4 +170,24 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     height, pos = _read_varint(body, pos, "height")
     if not (0 < width < _MAX_SIDE and 0 < height < _MAX_SIDE):
         raise BitstreamError(f"corrupt bitstream: picture size {width}x{height}")
-    return Header(tag, quality, width, height), body[pos:]
+    if version == VERSION:
+        return Header(tag, quality, width, height), body[pos:]
+    if pos + 2 > len(body):
+        raise BitstreamError("truncated bitstream: it ends inside the background level")
+    background = Background(body[pos], body[pos + 1])
+    if not (background.quality and background.step):
+        raise BitstreamError(f"corrupt bitstream: background quality {background.quality}, step {background.step}")
+    count, pos = _read_varint(body, pos + 2, "number of regions")
+    if not 1 <= count <= _MAX_REGIONS:
+        raise BitstreamError(f"corrupt bitstream: {count} regions (a version-2 stream has 1..{_MAX_REGIONS})")
+    regions = []
+    for _ in range(count):
+        values = []
+        for what in ("first column", "first row", "end column", "end row"):
+            value, pos = _read_varint(body, pos, f"region's {what}")
+            values.append(value)
+        region = Region(*values)
+        if not (region.x0 < region.x1 and region.y0 < region.y1):
+            raise BitstreamError(f"corrupt bitstream: empty region {region}")
+        regions.append(region)
+    return Header(tag, quality, width, height, tuple(regions), background), body[pos:]

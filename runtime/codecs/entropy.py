@@ -60,6 +60,11 @@ class FactorizedEntropyCoder:
         ]
         self._bits = stream.model.Uniform(_MAX_ESCAPE_BITS + 1)
         self._stream = stream
+        # Every symbol costs at least its channel's likeliest value's information: a floor on the
+        # payload of a latent of a given size, so that a forged header claiming a huge picture is
+        # refused at once instead of decoding millions of symbols out of a few bytes.
+        likeliest = np.array([row[:n].max() / row[:n].sum() for row, n in zip(tables.pmf, tables.length)])
+        self._min_bits_per_cell = float(-np.log2(likeliest).sum())
 
     @property
     def channels(self) -> int:
@@ -92,9 +97,19 @@ class FactorizedEntropyCoder:
             words = words.byteswap()
         return words.astype("<u4").tobytes()
 
+    def min_bytes(self, cells: int) -> int:
+        """A lower bound on the payload of `cells` latent positions (with slack for the coder's
+        fixed-point probabilities and its final state)."""
+        return max(0, int(0.9 * cells * self._min_bits_per_cell / 8) - 8)
+
     def decode(self, payload: bytes, height: int, width: int) -> np.ndarray:
         if len(payload) % 4:
             raise CodecError(f"corrupt payload: {len(payload)} bytes is not a whole number of 32-bit words")
+        if len(payload) < self.min_bytes(height * width):
+            raise CodecError(
+                f"corrupt payload: {len(payload)} bytes cannot hold a {width}x{height} latent "
+                f"(at least {self.min_bytes(height * width)} bytes)"
+            )
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         coder = self._stream.stack.AnsCoder(words)
         count = height * width

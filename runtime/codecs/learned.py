@@ -3,6 +3,8 @@
     codec = LearnedFaceCodec.load("default", quality=3)
     data = codec.encode(face)        # HxWx3 uint8 RGB, any size -> a few hundred bytes
     face = codec.decode(data)        # bytes -> HxWx3 uint8 RGB, or a CodecError
+    data = codec.encode(picture, regions=[(x0, y0, x1, y1)], background=Background(1, 2))
+                                     # the regions at `quality`, the rest coarser (bitstream v2)
 
 A codec bundle is a manifest (`runtime/manifests/codecs/codec-<name>.json`) naming three files with
 their sha256: the analysis transform (`encoder`), the synthesis transform (`decoder`), both
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections.abc import Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -31,11 +34,15 @@ from ..backends import create_backend
 from ..manifest import ManifestError, file_sha256, load_named_json
 from . import bitstream
 from .base import CodecError
+from .bitstream import Background, Region
 from .entropy import ChannelTables, FactorizedEntropyCoder
 from .standard import check_image
 
 CODEC_PREFIX = "codec-"
 CODEC_FOLDER = "codecs"
+#: The largest picture coded or decoded (1920x1080 fits): a face codec's pictures are crops and
+#: camera frames, and the decoder's activations grow with the area (~2 GB at this size).
+MAX_PIXELS = 1 << 21
 
 
 class _Strict(BaseModel):
@@ -105,8 +112,12 @@ def load_codec_manifest(name_or_path: str | Path) -> tuple[CodecManifest, Path]:
     return load_named_json(CodecManifest, name_or_path, codec_manifests(), "learned codec")
 
 
+#: A rectangle of a picture in pixels: x0, y0, x1, y1 (x1, y1 exclusive).
+Box = tuple[float, float, float, float]
+
+
 class LearnedFaceCodec:
-    versions = (bitstream.VERSION,)
+    versions = bitstream.VERSIONS
 
     def __init__(self, manifest: CodecManifest, folder: Path, quality: int, backend: BackendConfig = BackendConfig()) -> None:
         if not 1 <= quality <= manifest.qualities:
@@ -138,6 +149,7 @@ class LearnedFaceCodec:
 
     @property
     def version(self) -> int:
+        """What `encode(picture)` writes (with regions it writes `bitstream.REGIONS_VERSION`)."""
         return bitstream.VERSION
 
     @property
@@ -175,33 +187,86 @@ class LearnedFaceCodec:
         stride = self.manifest.stride
         return math.ceil(height / stride), math.ceil(width / stride)
 
+    @staticmethod
+    def _check_area(width: int, height: int, error: type[ValueError]) -> None:
+        if width * height > MAX_PIXELS:
+            raise error(f"a {width}x{height} picture is larger than the learned codec's limit of {MAX_PIXELS:,} pixels")
+
     def encoder_input(self, image: np.ndarray) -> np.ndarray:
         """The encoder's (1, 3, H, W) input: the picture padded to a multiple of the stride, in [0, 1]."""
         image = check_image(image)
         height, width = image.shape[:2]
+        self._check_area(width, height, ValueError)
         h, w = self.latent_size(width, height)
         stride = self.manifest.stride
         # Edge-replicate padding: a flat border costs almost no bits and leaves no seam.
         padded = np.pad(image, ((0, h * stride - height), (0, w * stride - width), (0, 0)), mode="edge")
         return np.ascontiguousarray((padded.astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
 
-    def quantize(self, latent: np.ndarray, quality: int) -> np.ndarray:
-        """The integer symbols of one (C, h, w) latent at `quality`: what the entropy coder codes."""
-        q = quality - 1
-        return np.rint(latent * self._gain[q][:, None, None] - self._medians[q][:, None, None]).astype(np.int64)
+    def quantize(self, latent: np.ndarray, quality: int, step: int = 1) -> np.ndarray:
+        """The integer symbols of a (C, ...) latent at `quality`: what the entropy coder codes.
 
-    def dequantize(self, symbols: np.ndarray, quality: int) -> np.ndarray:
-        """The decoder's (C, h, w) input from decoded symbols."""
+        `step` > 1 quantises `step` times more coarsely than the quality's own step (a background).
+        """
         q = quality - 1
-        return (symbols.astype(np.float32) + self._medians[q][:, None, None]) * self._inverse_gain[q][:, None, None]
+        shape = (-1,) + (1,) * (latent.ndim - 1)
+        scaled = latent * self._gain[q].reshape(shape) - self._medians[q].reshape(shape)
+        return np.rint(scaled / step if step != 1 else scaled).astype(np.int64)
 
-    def encode(self, image: np.ndarray) -> bytes:
+    def dequantize(self, symbols: np.ndarray, quality: int, step: int = 1) -> np.ndarray:
+        """The decoder's (C, ...) input from decoded symbols."""
+        q = quality - 1
+        shape = (-1,) + (1,) * (symbols.ndim - 1)
+        values = symbols.astype(np.float32) * np.float32(step)
+        return (values + self._medians[q].reshape(shape)) * self._inverse_gain[q].reshape(shape)
+
+    def cells(self, box: Box, width: int, height: int) -> Region | None:
+        """The latent cells a pixel box touches (rounded outwards), or None if it misses the picture."""
+        h, w = self.latent_size(width, height)
+        stride = self.manifest.stride
+        x0, y0, x1, y1 = box
+        region = Region(max(0, math.floor(x0 / stride)), max(0, math.floor(y0 / stride)),
+                        min(w, math.ceil(x1 / stride)), min(h, math.ceil(y1 / stride)))
+        return region if region.x0 < region.x1 and region.y0 < region.y1 else None
+
+    def _region_mask(self, regions: Sequence[Region], h: int, w: int) -> np.ndarray:
+        mask = np.zeros((h, w), dtype=bool)
+        for r in regions:
+            if r.x1 > w or r.y1 > h:
+                raise CodecError(f"corrupt bitstream: region {r} lies outside the {w}x{h} latent")
+            mask[r.y0 : r.y1, r.x0 : r.x1] = True
+        return mask
+
+    def _check_quality(self, quality: int, what: str) -> None:
+        if not 1 <= quality <= self.manifest.qualities:
+            raise CodecError(f"corrupt bitstream: {what} {quality} is outside 1..{self.manifest.qualities}")
+
+    def _latent(self, image: np.ndarray) -> np.ndarray:
+        backend = self.encoder_backend
+        return backend.run({backend.input_names[0]: self.encoder_input(image)})[0][0]
+
+    def encode(self, image: np.ndarray, regions: Sequence[Box] = (), background: Background | None = None) -> bytes:
+        """A picture -> bytes. With `regions` (pixel boxes), only their latent cells are coded at
+        this codec's quality and every other cell at `background` (bitstream version 2)."""
         image = check_image(image)
         height, width = image.shape[:2]
-        backend = self.encoder_backend
-        y = backend.run({backend.input_names[0]: self.encoder_input(image)})[0][0]
-        payload = self.entropy_coder(self.quality).encode(self.quantize(y, self.quality))
-        return bitstream.pack(bitstream.Header(self.manifest.tag, self.quality, width, height), payload)
+        y = self._latent(image)
+        cells = tuple(dict.fromkeys(c for c in (self.cells(b, width, height) for b in regions) if c is not None))
+        if not cells:
+            payload = self.entropy_coder(self.quality).encode(self.quantize(y, self.quality))
+            return bitstream.pack(bitstream.Header(self.manifest.tag, self.quality, width, height), payload)
+        if background is None:
+            raise ValueError("coding regions needs a background level (bitstream.Background)")
+        if not 1 <= background.quality <= self.manifest.qualities:
+            raise ValueError(f"background quality must be in 1..{self.manifest.qualities}, got {background.quality}")
+        mask = self._region_mask(cells, *y.shape[1:])
+        inside = self.entropy_coder(self.quality).encode(self.quantize(y[:, mask], self.quality)[:, None, :])
+        outside = b""
+        if not mask.all():
+            symbols = self.quantize(y[:, ~mask], background.quality, background.step)
+            outside = self.entropy_coder(background.quality).encode(symbols[:, None, :])
+        header = bitstream.Header(self.manifest.tag, self.quality, width, height, cells, background)
+        return bitstream.pack(header, bitstream.join_payload(inside, outside))
 
     def decode(self, data: bytes) -> np.ndarray:
         header, payload = bitstream.unpack(data)
@@ -210,10 +275,26 @@ class LearnedFaceCodec:
                 f"bitstream was made by another codec (tag {header.codec_tag.hex()}, this is {self.manifest.tag.hex()}: "
                 f"{self.codec_id})"
             )
-        if not 1 <= header.quality <= self.manifest.qualities:
-            raise CodecError(f"corrupt bitstream: quality {header.quality} is outside 1..{self.manifest.qualities}")
+        self._check_quality(header.quality, "quality")
+        self._check_area(header.width, header.height, CodecError)
         h, w = self.latent_size(header.width, header.height)
-        y_hat = self.dequantize(self.entropy_coder(header.quality).decode(payload, h, w), header.quality)
+        if not header.regions:
+            y_hat = self.dequantize(self.entropy_coder(header.quality).decode(payload, h, w), header.quality)
+        else:
+            background = header.background
+            assert background is not None  # unpack sets it with the regions
+            self._check_quality(background.quality, "background quality")
+            mask = self._region_mask(header.regions, h, w)
+            inside, outside = bitstream.split_payload(payload)
+            y_hat = np.empty((self.manifest.latent_channels, h, w), dtype=np.float32)
+            symbols = self.entropy_coder(header.quality).decode(inside, 1, int(mask.sum()))[:, 0, :]
+            y_hat[:, mask] = self.dequantize(symbols, header.quality)
+            if mask.all():
+                if outside:
+                    raise CodecError("corrupt payload: background data, but the regions cover the whole picture")
+            else:
+                symbols = self.entropy_coder(background.quality).decode(outside, 1, int((~mask).sum()))[:, 0, :]
+                y_hat[:, ~mask] = self.dequantize(symbols, background.quality, background.step)
         backend = self.decoder_backend
         x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
         image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
