@@ -8,10 +8,12 @@ per face, for every codec setting:
 - `original`: the original picture, detected and recognised (the reference);
 - every quality 1..Q of every bundled learned codec (`runtime/manifests/codec-<name>.json`;
   they appear here as soon as their weights are committed);
-- with `--face-aware NAME` and the `full` protocol, also codec NAME coding whole pictures with
-  the bits on the faces (`learned:NAME+faces`, `runtime.codecs.face_aware`: the encoder detects
-  the faces on the original, codes the latent cells under each face's canonical crop at the
-  quality and the rest at the coarse background of `config.FaceRegionCoding`);
+- with `--face-aware NAME`, also codec NAME with its bits on the face (`learned:NAME+faces`,
+  `runtime.codecs.face_aware`): on `full`, the encoder detects the faces on the original and
+  codes the latent cells under each face's canonical crop at the quality, the rest at the
+  coarse background of `config.FaceRegionCoding`; on `edge`, the canonical crop's ring of
+  border cells at the background of `config.CropRegionCoding` (not on `edge112`, whose border
+  is the face's own);
 - the baselines of `baseline_codecs`: x265 over a CRF sweep that includes 23, JPEG, WebP, AVIF
   and JPEG XL over quality sweeps (`SWEEPS`).
 
@@ -98,7 +100,14 @@ from typing import Protocol as TypingProtocol
 import numpy as np
 from tqdm import tqdm
 
-from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig, FaceRegionCoding, cache_dir
+from facelink.config import (
+    BackendConfig,
+    CanonicalCrop,
+    CropRegionCoding,
+    DetectorConfig,
+    FaceRegionCoding,
+    cache_dir,
+)
 from facelink.datasets import LFW, CelebADev, DatasetNotFoundError, Pair
 
 from . import reporting
@@ -211,14 +220,21 @@ def learned_codecs() -> dict[str, tuple[str, int]]:
     return found
 
 
-def face_aware_codec(name: str, quality: int) -> Codec:
-    """Learned codec `name` at `quality` on the faces of whole pictures, found by the benchmark's detector."""
+def face_aware_codec(protocol: str, name: str, quality: int) -> Codec:
+    """Learned codec `name` at `quality` with its bits on the face: on whole pictures the faces the
+    benchmark's detector finds, on the canonical crop all but its border ring."""
     from facelink.runtime.codecs import create_codec
-    from facelink.runtime.codecs.face_aware import FaceAwareCodec
+    from facelink.runtime.codecs.face_aware import AlignedCropCodec, FaceAwareCodec
     from facelink.runtime.detection import create_detector
 
-    return FaceAwareCodec(create_codec(f"{LEARNED}:{name}", quality), create_detector(DetectorConfig()),
-                          FaceRegionCoding())
+    codec = create_codec(f"{LEARNED}:{name}", quality)
+    if protocol == "edge":
+        return AlignedCropCodec(codec, CropRegionCoding())
+    return FaceAwareCodec(codec, create_detector(DetectorConfig()), FaceRegionCoding())
+
+
+#: The protocols where `--face-aware` adds settings, and what decides their bytes.
+FACE_AWARE_PROTOCOLS = {"edge": CropRegionCoding, "full": FaceRegionCoding}
 
 
 def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str, Sequence[int]],
@@ -239,13 +255,14 @@ def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str
                 spec = {"codec": codec_id, "q": q}
                 settings.append(Setting(protocol.name, family, q, f"{family} q{q}", spec, geometry,
                                         lambda n=name, q=q: create_codec(f"{LEARNED}:{n}", q)))
-            if name in face_aware and protocol.template is None:
+            if name in face_aware and protocol.name in FACE_AWARE_PROTOCOLS:
+                regions = FACE_AWARE_PROTOCOLS[protocol.name]().model_dump(mode="json")
                 for q in range(1, qualities + 1):
                     family = f"{LEARNED}:{name}{FACE_AWARE}"
-                    # The detector is the benchmark's (DetectorConfig()), which the pipeline key holds.
-                    spec = {"codec": codec_id, "q": q, "regions": FaceRegionCoding().model_dump(mode="json")}
+                    # On `full` the detector is the benchmark's (DetectorConfig()), which the pipeline key holds.
+                    spec = {"codec": codec_id, "q": q, "regions": regions}
                     settings.append(Setting(protocol.name, family, q, f"{family} q{q}", spec, geometry,
-                                            lambda n=name, q=q: face_aware_codec(n, q)))
+                                            lambda p=protocol.name, n=name, q=q: face_aware_codec(p, n, q)))
     for family in families:
         if family == LEARNED:
             continue
@@ -932,7 +949,7 @@ examples:
   facelink bench rate-accuracy -- --limit-pairs 100
   facelink bench rate-accuracy -- --protocols edge,full --codecs x265,jpeg
   facelink bench rate-accuracy -- --codecs jpeg --quality jpeg=30,50 --recognizer mobilefacenet
-  facelink bench rate-accuracy -- --protocols full --codecs learned,x265 --face-aware wide
+  facelink bench rate-accuracy -- --protocols edge,full --codecs learned,x265 --face-aware wide
   facelink bench rate-accuracy -- --sets lfw,celeba --codecs learned,x265""",
     )
     p.add_argument("--sets", type=_csv, default=["lfw"],
@@ -946,8 +963,9 @@ examples:
     p.add_argument("--codecs", type=_csv, default=[LEARNED, *SWEEPS],
                    help=f"codec families, comma-separated: {LEARNED}, {', '.join(SWEEPS)} (default all)")
     p.add_argument("--face-aware", type=_csv, default=[], metavar="NAME,NAME",
-                   help="learned codecs (bundle names, e.g. wide) also measured coding whole pictures with "
-                        "their bits on the faces, on the full protocol (default none)")
+                   help="learned codecs (bundle names, e.g. wide) also measured with their bits on the face: "
+                        "on full, the detected faces' crops at the quality, the rest coarse; on edge, the "
+                        "crop's border ring coarse (default none)")
     p.add_argument("--quality", action="append", default=[], metavar="FAMILY=Q,Q",
                    help="override a baseline's sweep, e.g. jpeg=30,50 (repeatable)")
     p.add_argument("--x265-preset", default="medium", help="x265 preset (default medium)")
@@ -993,9 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.face_aware:
         bundled = learned_codecs()
         unknown = sorted(set(args.face_aware) - set(bundled))
-        if unknown or "full" not in args.protocols or LEARNED not in args.codecs:
+        if unknown or not set(FACE_AWARE_PROTOCOLS) & set(args.protocols) or LEARNED not in args.codecs:
             parser.error(f"--face-aware: expected bundled learned codecs ({', '.join(bundled)}) with --protocols "
-                         f"including full and --codecs including {LEARNED}, got {', '.join(args.face_aware)}")
+                         f"including edge or full and --codecs including {LEARNED}, got {', '.join(args.face_aware)}")
     if args.limit_pairs is not None and args.limit_pairs < 1:
         parser.error(f"--limit-pairs must be at least 1, got {args.limit_pairs}")
     sweeps = _sweeps(parser, args.quality)

@@ -62,6 +62,22 @@ class CanonicalCrop(_Config):
     scale: float = Field(1.0, gt=0.5, le=4.0)
 
 
+class CropRegionCoding(_Config):
+    """Canonical crops coded by the learned codec with the outer ring of latent cells coarser
+    (bitstream v2).
+
+    The crop is aligned, so where the face is is known without a detector: with the default
+    128 px crop, the ring of 16 px cells along its edges holds the 8 px margin and the ArcFace
+    crop's own edges (hair, background, the sides of the cheeks), which recognisers weigh
+    least. Coded at quality 1 it frees bytes for the face; at equal identity the crop costs
+    fewer bytes (`facelink bench rate-accuracy -- --protocols edge --face-aware wide`).
+    """
+
+    background_quality: int = Field(1, ge=1, description="the rate point whose table codes the ring")
+    background_step: int = Field(1, ge=1, le=255, description="the ring's quantisation step, in that rate point's steps")
+    border_cells: int = Field(1, ge=1, description="width of the ring, in latent cells (16 px each)")
+
+
 class FaceRegionCoding(_Config):
     """Whole pictures coded by the learned codec with the bits on the faces (bitstream v2).
 

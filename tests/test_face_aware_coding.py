@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facelink.config import FaceRegionCoding
+from facelink.config import CropRegionCoding, FaceRegionCoding
 from facelink.runtime.codecs import CodecError, bitstream
 from facelink.runtime.codecs.bitstream import Background, Region
-from facelink.runtime.codecs.face_aware import FaceAwareCodec
+from facelink.runtime.codecs.face_aware import AlignedCropCodec, FaceAwareCodec
 from facelink.runtime.codecs.learned import LearnedFaceCodec
 from facelink.runtime.detection.base import Detection
 
@@ -142,6 +142,20 @@ def test_face_aware_codec_codes_each_face_crop_and_the_whole_picture_without_fac
     np.testing.assert_array_equal(nobody.decode(nobody.encode(picture)), codec.decode(codec.encode(picture)))
     with pytest.raises(ValueError, match="background quality must be one of the codec's qualities 1..2"):
         FaceAwareCodec(codec, FixedFaces([]), FaceRegionCoding(background_quality=3))
+
+
+def test_aligned_crop_codec_codes_the_border_ring_at_the_background(bundle: Path) -> None:
+    codec = LearnedFaceCodec.load(bundle, quality=2)
+    ring = AlignedCropCodec(codec, CropRegionCoding(background_step=4))
+    crop = noisy_picture(128, 128, seed=2)
+    header, _ = bitstream.unpack(ring.encode(crop))
+    assert header.regions == (Region(1, 1, 7, 7),) and header.background == Background(1, 4)
+    decoded, uniform = ring.decode(ring.encode(crop)), codec.decode(codec.encode(crop))
+    np.testing.assert_array_equal(decoded[16:112, 16:112], uniform[16:112, 16:112])
+    assert not np.array_equal(decoded[:16], uniform[:16])
+    small = noisy_picture(32, 40)  # no room for a ring: the whole crop at the quality
+    np.testing.assert_array_equal(ring.decode(ring.encode(small)), codec.decode(codec.encode(small)))
+    assert ring.version == bitstream.REGIONS_VERSION and ring.versions == (1, 2)
 
 
 def test_face_aware_codec_on_an_lfw_picture() -> None:

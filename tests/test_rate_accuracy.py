@@ -195,24 +195,28 @@ def test_every_quality_of_every_bundled_learned_codec_is_measured(
     assert codec.decode(codec.encode(np.zeros((128, 128, 3), np.uint8))).shape == (128, 128, 3)
 
 
-def test_face_aware_settings_join_the_full_protocol_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_face_aware_settings_join_the_full_and_edge_protocols(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("onnx", reason="the synthetic learned codec is written with onnx")
-    from facelink.runtime.codecs import learned
+    from facelink.runtime.codecs import bitstream, learned
 
     manifest = make_bundle(tmp_path)
     monkeypatch.setattr(learned, "codec_manifests", lambda: {"synthetic": manifest})
-    full, edge = ra.protocols()["full"], ra.protocols()["edge"]
+    full, edge, edge112 = (ra.protocols()[name] for name in ("full", "edge", "edge112"))
     families = lambda p: [(s.codec, s.quality) for s in ra.codec_settings(p, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"])]  # noqa: E731
     assert families(full) == [("learned:synthetic", 1), ("learned:synthetic", 2),
                               ("learned:synthetic+faces", 1), ("learned:synthetic+faces", 2)]
-    assert families(edge) == [(ra.NOT_CODED, None), ("learned:synthetic", 1), ("learned:synthetic", 2)]
+    assert families(edge) == [(ra.NOT_CODED, None), ("learned:synthetic", 1), ("learned:synthetic", 2),
+                              ("learned:synthetic+faces", 1), ("learned:synthetic+faces", 2)]
+    assert families(edge112) == [(ra.NOT_CODED, None), ("learned:synthetic", 1), ("learned:synthetic", 2)]
+    ring = ra.codec_settings(edge, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"])[-1].make()
+    assert bitstream.unpack(ring.encode(np.zeros((128, 128, 3), np.uint8)))[0].regions == (bitstream.Region(1, 1, 7, 7),)
     aware = ra.codec_settings(full, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"])[2]
     assert aware.spec["regions"]["background_step"] == 2 and aware.key("p") != ra.codec_settings(
         full, [ra.LEARNED], ra.SWEEPS, "medium")[0].key("p")
     with pytest.raises(SystemExit):
         ra.main(["--face-aware", "nonesuch", "--protocols", "full"])
     with pytest.raises(SystemExit):
-        ra.main(["--face-aware", "synthetic", "--protocols", "edge"])
+        ra.main(["--face-aware", "synthetic", "--protocols", "edge112"])
 
 
 # --- one real run -------------------------------------------------------------------------------
