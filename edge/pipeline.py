@@ -10,6 +10,8 @@ import numpy as np
 from facelink.config import EdgeConfig
 from facelink.runtime.alignment import canonical_template, warp_face
 from facelink.runtime.codecs import FaceCodec, create_codec
+from facelink.runtime.codecs.face_aware import AlignedCropCodec
+from facelink.runtime.codecs.learned import LearnedFaceCodec
 from facelink.runtime.detection import Detection, FaceDetector, create_detector
 from facelink.runtime.embeddings import pack_embedding
 from facelink.runtime.recognition import Recognizer, create_recognizer
@@ -46,6 +48,15 @@ def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[in
     return [min(detections, key=lambda d: float(np.linalg.norm(d.box[:2] + d.box[2:] / 2 - centre)))]
 
 
+def crop_codec(config: EdgeConfig) -> FaceCodec:
+    """The payload codec of `config`: a learned codec codes the crop's border ring coarser when
+    `config.crop_border` says so."""
+    codec = create_codec(config.codec, quality=config.quality)
+    if config.crop_border is not None and isinstance(codec, LearnedFaceCodec):
+        return AlignedCropCodec(codec, config.crop_border)
+    return codec
+
+
 class EdgePipeline:
     def __init__(
         self,
@@ -61,7 +72,7 @@ class EdgePipeline:
         if config.payload == "embedding":
             self.query = query or create_recognizer(config.query_model, config.backend)
         else:
-            self.codec = codec or create_codec(config.codec, quality=config.quality)
+            self.codec = codec or crop_codec(config)
         self.template = canonical_template(config.crop.size, config.crop.scale)
         self.tracker = IouTracker()
         self._request_id = 0

@@ -140,6 +140,10 @@ class EdgeConfig(_Config):
     quality: int | None = Field(
         None, ge=1, le=100, description="codec quality; None: the codec's default (90 for jpeg/webp, the bundle's for learned)"
     )
+    crop_border: CropRegionCoding | None = Field(
+        None, description="learned codecs: the crop's border ring of latent cells at this coarser level (None: the "
+        "whole crop at the quality)",
+    )
     query_model: str = Field(
         DEFAULT_QUERY_MODEL, description="the query model (manifest name or path) of `embedding` payloads"
     )

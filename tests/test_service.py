@@ -82,6 +82,20 @@ def test_enroll_stream_identify_and_reject_a_stranger(enrolled_server, channel_t
     stream.close()
 
 
+def test_a_crop_with_a_coarser_border_ring_travels_as_bitstream_v2(enrolled_server, channel_to, engine_parts) -> None:
+    from facelink.config import CropRegionCoding
+
+    edge = EdgePipeline(EdgeConfig(faces="central", crop_border=CropRegionCoding()), detector=engine_parts[1])
+    observation = observe(edge, "Tony_Blair", 3)
+    assert observation.face.codec_id.startswith("flc-default-") and observation.face.codec_version == 2
+    plain = observe(EdgePipeline(EdgeConfig(faces="central"), detector=engine_parts[1]), "Tony_Blair", 3)
+    assert plain.face.codec_version == 1 and len(observation.face.data) < len(plain.face.data)
+    stream = Stream(channel_to(enrolled_server.address))
+    result = stream.send(observation)
+    assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == "Tony_Blair", result
+    stream.close()
+
+
 def test_malformed_payloads_are_rejected_and_the_stream_survives(enrolled_server, channel_to, pipeline, engine_parts) -> None:
     stream = Stream(channel_to(enrolled_server.address))
     good = observe(pipeline, "Tony_Blair", 3)
