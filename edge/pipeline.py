@@ -50,11 +50,14 @@ def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[in
 
 def crop_codec(config: EdgeConfig) -> FaceCodec:
     """The payload codec of `config`: a learned codec codes the crop's border ring coarser when
-    `config.crop_border` says so."""
+    `config.crop_border` says so, by default at its bundle's `border_ring_quality`."""
     codec = create_codec(config.codec, quality=config.quality)
-    if config.crop_border is not None and isinstance(codec, LearnedFaceCodec):
-        return AlignedCropCodec(codec, config.crop_border)
-    return codec
+    if config.crop_border is None or not isinstance(codec, LearnedFaceCodec):
+        return codec
+    ring_quality = codec.manifest.border_ring_quality
+    if config.quality is None and ring_quality is not None:
+        codec = codec.at_quality(ring_quality)
+    return AlignedCropCodec(codec, config.crop_border)
 
 
 class EdgePipeline:

@@ -356,8 +356,8 @@ examples:
                         "90 for jpeg/webp, the bundle's for learned)")
     p.add_argument("--crop-border", action=argparse.BooleanOptionalAction, default=defaults.crop_border is not None,
                    help="learned codecs: code the crop's border ring of 16 px latent cells (margin, hair, background) "
-                        "at quality 1, the face at --quality: fewer bytes for the same identity "
-                        f"(default {'on' if defaults.crop_border is not None else 'off'})")
+                        "at quality 1 and the face at --quality (default: the bundle's border_ring_quality): fewer "
+                        f"bytes for the same identity (default {'on' if defaults.crop_border is not None else 'off'})")
     p.add_argument("--query-model", default=defaults.query_model,
                    help=f"embedding payload model, manifest name or path (default {defaults.query_model})")
     p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")

@@ -133,16 +133,18 @@ class EdgeConfig(_Config):
         "embedding: send the query model's embedding of the face (a few hundred bytes at most, "
         "matched against the gallery through the query model's ensemble)",
     )
-    # The learned codec: at its bundle's default quality it keeps LFW verification within 0.3
-    # points of the original pictures with MobileFaceNet and dlib's ResNet at ~1.2 kB per face,
-    # 4x fewer bytes than JPEG q90 (benchmarks/results/rate_accuracy.json).
+    # The learned codec, the crop's border ring at quality 1 and the face at the bundle's
+    # `border_ring_quality` (5 for `default`): LFW verification within 0.3 points of the original
+    # pictures with MobileFaceNet and dlib's ResNet at ~1.1 kB per face, 4.3x fewer bytes than
+    # JPEG q90, and more identity kept than the whole crop at its default quality 4 (1.16 kB;
+    # benchmarks/results/rate_accuracy.json, `learned:default+faces`).
     codec: str = Field("learned", description="payload codec id: learned, jpeg, webp, png (see `facelink edge --help`)")
     quality: int | None = Field(
         None, ge=1, le=100, description="codec quality; None: the codec's default (90 for jpeg/webp, the bundle's for learned)"
     )
     crop_border: CropRegionCoding | None = Field(
-        None, description="learned codecs: the crop's border ring of latent cells at this coarser level (None: the "
-        "whole crop at the quality)",
+        CropRegionCoding(), description="learned codecs: the crop's border ring of latent cells at this coarser level "
+        "(None: the whole crop at the quality)",
     )
     query_model: str = Field(
         DEFAULT_QUERY_MODEL, description="the query model (manifest name or path) of `embedding` payloads"

@@ -99,6 +99,19 @@ def enroll_all(channel: grpc.Channel, gallery: dict[str, Path]) -> list[str]:
     return failures
 
 
+def payload_label(config: EdgeConfig) -> str:
+    """What the edge sends per face, as the summary names it (e.g. `learned q5, border ring q1`)."""
+    from facelink.edge.pipeline import crop_codec
+    from facelink.runtime.codecs.face_aware import AlignedCropCodec
+
+    codec = crop_codec(config)
+    quality = getattr(codec, "quality", None) or default_quality(config.codec)
+    label = f"{config.codec} q{quality}"
+    if isinstance(codec, AlignedCropCodec):
+        label += f", border ring q{codec.background.quality}"
+    return label
+
+
 def run_demo(options: DemoOptions) -> DemoSummary:
     from facelink.cloud.server import start_server
     from facelink.edge.run import run_edge
@@ -153,7 +166,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     model_id = next((o[0].model_id for o in outcomes.values() if o[0].model_id), options.recognizer)
     return DemoSummary(
         recognizer=model_id,
-        codec=f"{options.codec} q{options.quality or default_quality(options.codec)}",
+        codec=payload_label(edge),
         threshold=float(threshold),
         enrolled_identities=len(gallery) - len(failures),
         enrollment_failures=len(failures),

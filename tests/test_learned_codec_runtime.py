@@ -150,3 +150,23 @@ def test_a_bundle_names_its_default_quality(bundle: Path, tmp_path: Path) -> Non
                 create_codec(f"learned:{path}")
         else:
             assert create_codec(f"learned:{path}").quality == default_quality(f"learned:{path}") == expected
+    path = bundle.parent / "codec-ring3.json"
+    path.write_text(json.dumps({**data, "border_ring_quality": 3}))
+    with pytest.raises(ManifestError, match="border_ring_quality 3 is not one of the qualities 1..2"):
+        create_codec(f"learned:{path}")
+
+
+def test_the_edge_codes_the_border_ring_at_the_bundles_border_ring_quality(bundle: Path) -> None:
+    from facelink.config import EdgeConfig
+    from facelink.edge.pipeline import crop_codec
+    from facelink.runtime.codecs.face_aware import AlignedCropCodec
+
+    data = json.loads(bundle.read_text())
+    path = bundle.parent / "codec-ring2.json"
+    path.write_text(json.dumps({**data, "border_ring_quality": 2}))
+    ring = crop_codec(EdgeConfig(codec=f"learned:{path}"))
+    assert isinstance(ring, AlignedCropCodec) and ring.quality == 2  # the bundle's, unless --quality says
+    assert crop_codec(EdgeConfig(codec=f"learned:{path}", quality=1)).quality == 1
+    whole = crop_codec(EdgeConfig(codec=f"learned:{path}", crop_border=None))
+    assert isinstance(whole, LearnedFaceCodec) and whole.quality == 1  # no default_quality: the middle of 1..2
+    assert not isinstance(crop_codec(EdgeConfig(codec="jpeg")), AlignedCropCodec)

@@ -82,17 +82,21 @@ def test_enroll_stream_identify_and_reject_a_stranger(enrolled_server, channel_t
     stream.close()
 
 
-def test_a_crop_with_a_coarser_border_ring_travels_as_bitstream_v2(enrolled_server, channel_to, engine_parts) -> None:
-    from facelink.config import CropRegionCoding
+def test_the_default_crop_has_a_coarser_border_ring_and_travels_as_bitstream_v2(enrolled_server, channel_to, engine_parts) -> None:
+    from facelink.runtime.codecs import bitstream
 
-    edge = EdgePipeline(EdgeConfig(faces="central", crop_border=CropRegionCoding()), detector=engine_parts[1])
-    observation = observe(edge, "Tony_Blair", 3)
+    observation = observe(EdgePipeline(EdgeConfig(faces="central"), detector=engine_parts[1]), "Tony_Blair", 3)
     assert observation.face.codec_id.startswith("flc-default-") and observation.face.codec_version == 2
-    plain = observe(EdgePipeline(EdgeConfig(faces="central"), detector=engine_parts[1]), "Tony_Blair", 3)
-    assert plain.face.codec_version == 1 and len(observation.face.data) < len(plain.face.data)
+    header, _ = bitstream.unpack(observation.face.data)
+    assert header.quality == 5 and header.regions == (bitstream.Region(1, 1, 7, 7),)  # the bundle's border_ring_quality
+    whole = EdgeConfig(faces="central", crop_border=None)
+    plain = observe(EdgePipeline(whole, detector=engine_parts[1]), "Tony_Blair", 3)
+    assert plain.face.codec_version == 1 and bitstream.unpack(plain.face.data)[0].quality == 4
+    assert len(observation.face.data) < len(plain.face.data)
     stream = Stream(channel_to(enrolled_server.address))
-    result = stream.send(observation)
-    assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == "Tony_Blair", result
+    for sent in (observation, plain):
+        result = stream.send(sent)
+        assert result.decision == recognition_pb2.DECISION_MATCH and result.identity == "Tony_Blair", result
     stream.close()
 
 

@@ -74,7 +74,8 @@ def entropy_tables(model: FaceCodecModel) -> dict[str, np.ndarray]:
     }
 
 
-def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_quality: int | None = None) -> Path:
+def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_quality: int | None = None,
+                 border_ring_quality: int | None = None) -> Path:
     model, state = load_trained(checkpoint)
     graphs = exportable(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ def write_bundle(checkpoint: Path, name: str, out: Path, command: str, default_q
         "stride": 16,
         "qualities": model.arch.qualities,
         **({"default_quality": default_quality} if default_quality else {}),
+        **({"border_ring_quality": border_ring_quality} if border_ring_quality else {}),
         "latent_channels": latent,
         "license": "Apache-2.0 (facelink's own weights)",
         "description": "Identity-preserving learned face codec: factorized prior, gain units, MobileFaceNet identity loss.",
@@ -177,9 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-quality", type=int,
                         help="the quality the edge uses unless told: the lowest at recognition parity "
                              "(facelink bench rate-accuracy); default: the middle one")
+    parser.add_argument("--border-ring-quality", type=int,
+                        help="the edge's quality when the crop's border ring is coded at quality 1 (its default): "
+                             "the lowest at parity that way (rate-accuracy --face-aware); default: --default-quality")
     args = parser.parse_args(argv)
     command = "python -m facelink.export.codec.bundle " + shlex.join(sys.argv[1:] if argv is None else argv)
-    manifest = write_bundle(args.checkpoint, args.name, args.out, command, args.default_quality)
+    manifest = write_bundle(args.checkpoint, args.name, args.out, command, args.default_quality,
+                            args.border_ring_quality)
     print(f"wrote {manifest} and its three files")
     if args.check_faces:
         rows = parity(manifest, args.checkpoint, held_out_faces(args.checkpoint.parent, args.check_faces))

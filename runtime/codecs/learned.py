@@ -68,14 +68,21 @@ class CodecManifest(_Strict):
         "recognition at parity (`facelink bench rate-accuracy`); None: the middle one"
     )
     latent_channels: int = Field(gt=0)
+    border_ring_quality: int | None = Field(
+        None, gt=0, description="the quality used when the crop's border ring is coded at quality 1 "
+        "(`AlignedCropCodec`, the edge's default): the lowest that keeps recognition at parity that way; "
+        "None: default_quality"
+    )
     license: str | None = None
     description: str | None = None
     training: dict[str, object] = Field(default_factory=dict, description="how the weights were made")
 
     @model_validator(mode="after")
     def _default_quality_exists(self) -> CodecManifest:
-        if self.default_quality is not None and self.default_quality > self.qualities:
-            raise ValueError(f"default_quality {self.default_quality} is not one of the qualities 1..{self.qualities}")
+        for field in ("default_quality", "border_ring_quality"):
+            value = getattr(self, field)
+            if value is not None and value > self.qualities:
+                raise ValueError(f"{field} {value} is not one of the qualities 1..{self.qualities}")
         return self
 
     @property
@@ -141,6 +148,10 @@ class LearnedFaceCodec:
     def load(cls, name: str | Path = "default", quality: int = 3, backend: BackendConfig = BackendConfig()) -> "LearnedFaceCodec":
         manifest, path = load_codec_manifest(name)
         return cls(manifest, path.parent, quality, backend)
+
+    def at_quality(self, quality: int) -> "LearnedFaceCodec":
+        """The same bundle at another quality."""
+        return LearnedFaceCodec(self.manifest, self._folder, quality, self._backend)
 
     # -- identity ----------------------------------------------------------------------------
     @property
