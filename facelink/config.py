@@ -135,7 +135,7 @@ class EdgeConfig(_Config):
     )
     # The learned codec, the crop's border ring at quality 1 and the face at the bundle's
     # `border_ring_quality` (5 for `default`): LFW verification within 0.3 points of the original
-    # pictures with MobileFaceNet and dlib's ResNet at ~1.1 kB per face, 4.3x fewer bytes than
+    # pictures with MobileFaceNet and dlib's ResNet at ~1.1 kB per face, 4.4x fewer bytes than
     # JPEG q90, and more identity kept than the whole crop at its default quality 4 (1.16 kB;
     # benchmarks/results/rate_accuracy.json, `learned:default+faces`).
     codec: str = Field("learned", description="payload codec id: learned, jpeg, webp, png (see `facelink edge --help`)")
