@@ -143,7 +143,7 @@ SWEEPS: dict[str, tuple[int, ...]] = {
     "jxl": (1, 5, 10, 20, 35, 55, 75),
 }
 LEARNED = "learned"
-FACE_AWARE = "+faces"  # suffix of a learned codec family coding whole pictures face-aware
+FACE_AWARE = "+faces"  # suffix of a learned codec family with its bits on the face (`--face-aware`)
 NOT_CODED = "none"
 ORIGINAL = "original"
 
@@ -239,8 +239,8 @@ FACE_AWARE_PROTOCOLS = {"edge": CropRegionCoding, "full": FaceRegionCoding}
 
 def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str, Sequence[int]],
                    x265_preset: str, face_aware: Sequence[str] = ()) -> list[Setting]:
-    """The coded settings of one protocol: every learned codec at every quality (and, on whole
-    pictures, the `face_aware` ones with their bits on the faces), then the baselines."""
+    """The coded settings of one protocol: every learned codec at every quality (and, on `edge` and
+    `full`, the `face_aware` ones with their bits on the face), then the baselines."""
     from facelink.runtime.codecs import create_codec
 
     from .baseline_codecs import create_baseline

@@ -1,6 +1,6 @@
 """The learned codec's bitstream: a small self-describing, checksummed container.
 
-Version 1, a picture coded at one quality (what the edge sends for each face crop):
+Version 1, a picture coded at one quality:
 
     offset  size  field
     0       2     magic b"\\xfa\\xce"
@@ -16,9 +16,10 @@ About 14 bytes in all for a 128x128 face: small next to a few hundred bytes of p
 worth it, since a stream that is corrupt, truncated or foreign is refused with a clear error
 instead of decoding into garbage.
 
-Version 2, a whole picture coded with its bits on the faces (`face_aware.FaceAwareCodec`): the
-latent cells (one per `stride` x `stride` pixels) inside the regions are coded at the header's
-quality, every other cell at a coarse background level. After the height:
+Version 2, a picture coded with its bits on the faces (`face_aware`: an aligned crop inside its
+border ring, what the edge sends by default, or the faces of a whole picture): the latent cells
+(one per `stride` x `stride` pixels) inside the regions are coded at the header's quality,
+every other cell at a coarse background level. After the height:
 
     1       background quality (1-based rate point whose table codes the background)
     1       background step: the background's quantisation step, in multiples of that
