@@ -41,7 +41,7 @@ from .standard import check_image
 CODEC_PREFIX = "codec-"
 CODEC_FOLDER = "codecs"
 #: The largest picture coded or decoded (1920x1080 fits): a face codec's pictures are crops and
-#: camera frames, and the decoder's activations grow with the area (~2 GB at this size).
+#: camera frames, and the decoder's activations grow with the area (gigabytes at this size).
 MAX_PIXELS = 1 << 21
 
 
