@@ -14,7 +14,8 @@ where installed), at 1 thread and all cores:
 
 The edge path per face runs in its own process too: detect (YuNet through OpenCV, as on the
 board) + align to the canonical crop + encode with each --codec (any id `create_codec` knows,
-`ID@QUALITY`; the learned codec runs its encoder exported at each --edge-precision) + the query
+`ID@QUALITY`; the learned codec runs its encoder exported at each --edge-precision and, as the
+edge does by default, codes the crop's border ring at quality 1 unless --no-crop-border) + the query
 model's embedding (align to its template + embed, at the same precision) + build and serialise
 the FaceObservation. "align + encode + query" is the issue's edge-path figure.
 
@@ -106,6 +107,7 @@ class EdgeRun:
     query: str | None  # the query model's manifest (exported at `precision`), or None
     threads: int
     frames: int
+    crop_border: bool = False  # a learned codec codes the crop's border ring at quality 1 (the edge's default)
 
 
 # -- measuring (worker side) -------------------------------------------------------------------------
@@ -174,11 +176,12 @@ def measure_model(run: ModelRun) -> dict:
 def measure_edge(run: EdgeRun) -> dict:
     import cv2
 
-    from facelink.config import BackendConfig, CanonicalCrop, DetectorConfig
+    from facelink.config import BackendConfig, CanonicalCrop, CropRegionCoding, DetectorConfig
     from facelink.datasets import LFW
     from facelink.edge.pipeline import box_to_proto, landmarks_to_proto
     from facelink.runtime.alignment import canonical_template, warp_face
     from facelink.runtime.codecs import create_codec, default_quality
+    from facelink.runtime.codecs.face_aware import AlignedCropCodec
     from facelink.runtime.codecs.learned import LearnedFaceCodec
     from facelink.runtime.detection import create_detector
     from facelink.runtime.recognition import create_recognizer
@@ -189,6 +192,8 @@ def measure_edge(run: EdgeRun) -> dict:
     backend = BackendConfig(intra_op_threads=run.threads)
     if run.codec.startswith("learned:"):  # its ONNX sessions at the run's thread count
         codec = LearnedFaceCodec.load(run.codec.partition(":")[2], run.quality or default_quality(run.codec), backend)
+        if run.crop_border:
+            codec = AlignedCropCodec(codec, CropRegionCoding())
     else:
         codec = create_codec(run.codec, quality=run.quality)
     query = create_recognizer(run.query, backend) if run.query else None
@@ -369,7 +374,7 @@ def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
     from facelink.export.deploy.pipeline import ExportOptions, export_onnx
     from facelink.export.deploy.source import resolve_source
     from facelink.runtime.codecs import LEARNED_ALIAS, default_quality
-    from facelink.runtime.codecs.learned import CODEC_PREFIX
+    from facelink.runtime.codecs.learned import CODEC_PREFIX, load_codec_manifest
 
     codecs = [c for c in (args.codec or default_codecs()) if c != "none"]
     if not codecs:
@@ -385,14 +390,17 @@ def plan_edge(args: argparse.Namespace) -> list[EdgeRun]:
     for spec in codecs:
         codec, _, quality = spec.partition("@")
         for precision in args.edge_precision or ["fp32", "int8"]:
-            wire = codec
+            wire, ring = codec, False
+            level = int(quality) if quality else default_quality(codec)  # named in the report and the JSON
             if codec == LEARNED_ALIAS or codec.startswith(LEARNED_ALIAS + ":"):
                 name = codec.partition(":")[2] or "default"
                 wire = f"{LEARNED_ALIAS}:{exported(f'{CODEC_PREFIX}{name}:encoder', precision)}"
+                ring = args.crop_border
+                if ring:  # as the edge: the face at the bundle's border_ring_quality unless @QUALITY says
+                    level = int(quality) if quality else (load_codec_manifest(name)[0].border_ring_quality or level)
             query = None if args.query == "none" else exported(args.query, precision)
             for threads in thread_counts:
-                level = int(quality) if quality else default_quality(codec)  # named in the report and the JSON
-                runs.append(EdgeRun(wire, codec, level, precision, query, threads, args.edge_frames))
+                runs.append(EdgeRun(wire, codec, level, precision, query, threads, args.edge_frames, ring))
     return runs
 
 
@@ -462,7 +470,8 @@ def format_report(payload: dict) -> str:
                 ["codec", "precision", "threads", "faces", *stages, "total p99", "bytes on the wire"],
                 [
                     [
-                        e["label"] + (f" q{e['quality']}" if e["quality"] else ""),
+                        e["label"] + (f" q{e['quality']}" if e["quality"] else "")
+                        + (", border ring q1" if e.get("crop_border") else ""),
                         e["precision"],
                         str(e["threads"]),
                         str(e["faces"]),
@@ -534,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--edge-frames", type=int, default=300, help="LFW pictures for the edge path (default 300)"
+    )
+    p.add_argument(
+        "--crop-border", action=argparse.BooleanOptionalAction, default=True,
+        help="learned codecs on the edge path code the crop's border ring at quality 1, the face at the "
+        "bundle's border_ring_quality, as the edge does by default (default on)",
     )
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results (default {DEFAULT_JSON})")
     p.add_argument("--worker-model", help=argparse.SUPPRESS)

@@ -31,9 +31,16 @@ def test_edge_path_with_the_learned_codec_and_the_query_model(
     assert latency.main(argv) == 0
     (edge,) = json.loads(out.read_text())["edge"]
     assert edge["label"] == "learned" and edge["quality"] == 2 and edge["query_model"] == "facelink-query@v9"
-    assert edge["faces"] >= 3 and edge["mean_observation_bytes"] < 2000
+    assert edge["faces"] >= 3 and edge["mean_observation_bytes"] < 2000 and edge["crop_border"]
     assert edge["p50_ms"]["align + encode + query"] > 0
-    assert "| learned q2 | fp32" in capsys.readouterr().out
+    assert "| learned q2, border ring q1 | fp32" in capsys.readouterr().out
+    # Without @QUALITY the ring codes the face at the bundle's border_ring_quality, as the edge does;
+    # --no-crop-border measures the whole crop at the bundle's default quality.
+    assert latency.main([*argv[:2], "--codec", "learned", *argv[4:]]) == 0
+    assert json.loads(out.read_text())["edge"][0]["quality"] == 5
+    assert latency.main([*argv[:2], "--codec", "learned", *argv[4:], "--no-crop-border"]) == 0
+    (whole,) = json.loads(out.read_text())["edge"]
+    assert whole["quality"] == 4 and not whole["crop_border"]
 
 
 def test_the_default_run_covers_every_bundled_learned_codec() -> None:
