@@ -46,6 +46,7 @@ from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
 from .model import CODEC_MODELS, FaceCodecModel, create_codec_model
 from .teacher import FaceTeacher, template_matrices, warp_to_template
+from .unbundle import checkpoint_state, codec_from_bundle, is_bundle_reference
 from .widen import widen_codec
 
 
@@ -283,6 +284,17 @@ def validate(model: FaceCodecModel, teacher: FaceTeacher, data: Validation, chun
     return result
 
 
+def init_state(init_from: str) -> dict:
+    """The weights `--init-from` names: a checkpoint, or a shipped bundle (its name or manifest),
+    recovered into a trainable model (`unbundle`), so a run can continue what shipped even where
+    the checkpoint that made it is gone."""
+    if is_bundle_reference(init_from):
+        model, name, report = codec_from_bundle(init_from)
+        print(f"--init-from {init_from}: recovered from the bundle: {json.dumps(report)}", flush=True)
+        return checkpoint_state(model, name, report)
+    return torch.load(Path(init_from).expanduser(), map_location="cpu", weights_only=True)
+
+
 def run(
     run_dir: Path,
     config: TrainConfig,
@@ -321,7 +333,7 @@ def run(
         for group in optimizer.param_groups:  # --lr on resume takes effect
             group["lr"] = config.lr
     elif config.init_from:
-        state = torch.load(Path(config.init_from).expanduser(), map_location="cpu", weights_only=True)
+        state = init_state(config.init_from)
         source = state.get("config", {}).get("model", config.model)
         if source == config.model:
             model.load_state_dict(state["model"])
@@ -489,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         "--identity-weights", type=_floats, help="new runs only: identity weight per quality, comma-separated"
     )
     parser.add_argument(
-        "--init-from", type=Path, help="new runs only: start from this checkpoint's model weights; with a "
-        "wider --model than the checkpoint's, grown into it function-preserving (facelink.export.codec.widen)"
+        "--init-from", help="new runs only: start from this checkpoint's model weights, or a shipped bundle's "
+        "(its name, e.g. wide, or manifest path; facelink.export.codec.unbundle); with a wider --model than "
+        "the source's, grown into it function-preserving (facelink.export.codec.widen)"
     )
     parser.add_argument("--train", choices=TRAINABLE,
                         help="new runs only: 'decoder' trains the decoder alone, every face keeps its bytes")
@@ -508,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "lambdas": args.lambdas,
             "identity_weights": args.identity_weights,
-            "init_from": str(args.init_from) if args.init_from else None,
+            "init_from": args.init_from,
             "train": args.train,
             "threads": args.threads,
             "lr": args.lr,

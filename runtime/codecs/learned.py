@@ -176,6 +176,11 @@ class LearnedFaceCodec:
             raise ManifestError(f"codec {self.manifest.name!r}: {path} does not match the sha256 in the manifest")
         return path
 
+    def bundle_file(self, part: str) -> Path:
+        """One of the bundle's files ('encoder', 'decoder' or 'tables'), checked against the
+        manifest's sha256."""
+        return self._verified(getattr(self.manifest, part), part)
+
     @cached_property
     def encoder_backend(self):  # noqa: ANN202
         with self._lock:
