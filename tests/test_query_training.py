@@ -194,9 +194,9 @@ def test_a_warm_restart_starts_from_the_finished_runs_weights_with_a_fresh_sched
     from facelink.export.query.export import lineage
 
     assert [run_dir for run_dir, _, _ in lineage(tmp_path / "b")] == [tmp_path / "a", tmp_path / "b"]
-    with pytest.raises(ValueError, match="mfn64-half checkpoint, this run trains mfn64"):
+    with pytest.raises(ValueError, match="mfn64-half model, this run trains mfn64"):
         train.init_from_checkpoint(create_query_model("mfn64"), "mfn64", tmp_path / "a")
-    with pytest.raises(ValueError, match="neither mobilefacenet, random nor"):
+    with pytest.raises(ValueError, match="neither mobilefacenet, random,"):
         train.init_from_checkpoint(restarted.model, tiny_config().model, tmp_path / "missing")
 
 
@@ -213,6 +213,25 @@ def test_a_warm_restart_may_raise_the_input_size_and_resamples_only_the_global_d
     assert torch.equal(after["gdconv.weight"], resample_gdconv(before["gdconv.weight"], 5))
     with pytest.raises(ValueError, match="may change the input size, nothing else"):
         train.init_from_checkpoint(create_query_model("mfn96-half"), "mfn96-half", tmp_path)
+
+
+def test_a_warm_restart_may_start_from_an_exported_query_models_manifest(tmp_path: Path) -> None:
+    """What shipped can be trained on where the run's checkpoint is gone: the ONNX graph carries
+    every weight under its state-dict name, and its shapes and input name the architecture."""
+    from facelink.export.query.export import write_manifest
+
+    torch.manual_seed(0)
+    shipped = create_query_model("mfn64")
+    manifest = write_manifest(shipped, tmp_path / "query.json", name="query-unit", version="v0", match_threshold=0.3,
+                              flip_augmentation=False, source="test", description="test")
+    again = create_query_model("mfn64")
+    train.init_from_checkpoint(again, "mfn64", manifest)
+    assert all(torch.equal(shipped.state_dict()[k], v) for k, v in again.state_dict().items())
+    larger = create_query_model("mfn72")  # a warm restart at a larger input, as from a checkpoint
+    train.init_from_checkpoint(larger, "mfn72", manifest)
+    assert larger.gdconv.weight.shape[-1] == 5
+    with pytest.raises(ValueError, match="mfn64 model, this run trains mfn96-half"):
+        train.init_from_checkpoint(create_query_model("mfn96-half"), "mfn96-half", manifest)
 
 
 def test_a_resampled_global_depthwise_kernel_weighs_a_uniform_feature_map_as_before() -> None:

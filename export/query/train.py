@@ -42,8 +42,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -195,26 +197,57 @@ def save_checkpoint(path: Path, trainee: Trainee, progress: Progress, config: Tr
     os.replace(tmp, path)
 
 
-def init_from_checkpoint(model: QueryNet, name: str, path: Path) -> None:
-    """A warm restart: the weights of another run's checkpoint, a fresh optimiser and schedule --
-    a longer, "patient" distillation continued from a finished run.
-
-    The checkpoint's architecture must be this run's, or differ only in input size: every
-    convolution but the global depthwise one is blind to the size of its input, and that one is
-    resampled to the new last feature map (`resample_gdconv`), so a model can continue at a
-    higher resolution from what it learned at a lower one."""
+def _checkpoint_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise ValueError(f"--init {path}: neither mobilefacenet, random nor a run's checkpoint.pt")
+        raise ValueError(f"--init {path}: neither mobilefacenet, random, a run's checkpoint.pt nor a query manifest")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    source = state["config"]["model"]
+    return state["config"]["model"], dict(state["model"])
+
+
+def _manifest_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
+    """An exported query model's weights, so that what shipped can be trained on where the run's
+    checkpoint is gone. Read by the graph's Conv nodes, in order, rather than by initializer
+    names: the exporter shares identical tensors (a fresh model's zero biases) under one name.
+    The architecture is the registered one with those shapes at the manifest's input size."""
+    manifest = load_manifest(path)
+    graph = onnx.load(str(manifest.weights())).graph
+    tensors = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.initializer}
+    for node in graph.node:  # the exporter aliases a shared tensor through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in tensors:
+            tensors[node.output[0]] = tensors[node.input[0]]
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    for name, arch in QUERY_MODELS.items():
+        if arch.input_size != manifest.input.width:
+            continue
+        model = create_query_model(name)
+        modules = [(key, m) for key, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        if len(modules) != len(convs):
+            continue
+        weights = {}
+        for (key, module), node in zip(modules, convs):
+            weights[f"{key}.weight"], weights[f"{key}.bias"] = tensors[node.input[1]], tensors[node.input[2]]
+        if all(weights[k].shape == v.shape for k, v in model.state_dict().items()):
+            return name, weights
+    raise ValueError(f"--init {path}: its ONNX graph is no registered query model at {manifest.input.width} px")
+
+
+def init_from_checkpoint(model: QueryNet, name: str, path: Path) -> None:
+    """A warm restart: the weights of another run's checkpoint (or of an exported query model's
+    manifest), a fresh optimiser and schedule -- a longer, "patient" distillation continued from a
+    finished run.
+
+    The source's architecture must be this run's, or differ only in input size: every
+    convolution but the global depthwise one is blind to the size of its input, and that one is
+    resampled to the new last feature map (`resample_gdconv`), so a model can continue at a
+    higher resolution from what it learned at a lower one."""
+    source, weights = _manifest_weights(path) if path.suffix == ".json" else _checkpoint_weights(path)
     if source != name:
         arch = QUERY_MODELS.get(source)
         if arch is None or replace(arch, input_size=model.arch.input_size) != model.arch:
-            raise ValueError(f"--init {path}: a {source} checkpoint, this run trains {name} "
+            raise ValueError(f"--init {path}: a {source} model, this run trains {name} "
                              "(a warm restart may change the input size, nothing else)")
-    weights = dict(state["model"])
     if weights["gdconv.weight"].shape != model.gdconv.weight.shape:
         weights["gdconv.weight"] = resample_gdconv(weights["gdconv.weight"], model.arch.feature_size)
     model.load_state_dict(weights)
@@ -388,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this much wall time")
     parser.add_argument("--model", choices=sorted(QUERY_MODELS), help="new runs only")
     parser.add_argument("--init", help="mobilefacenet (pruned, the default), random, or a finished run's directory or "
-                        "checkpoint.pt to continue from with a fresh schedule (same --model, or one that differs only in "
-                        "input size, e.g. mfn64 -> mfn72); new runs only")
+                        "checkpoint.pt, or an exported query model's manifest (e.g. runtime/manifests/facelink-query-v9.json), "
+                        "to continue from with a fresh schedule (same --model, or one that differs only in input size, "
+                        "e.g. mfn64 -> mfn72); new runs only")
     parser.add_argument("--batch-size", type=int, help="new runs only")
     parser.add_argument("--lr", type=float, help="peak learning rate; new runs only")
     parser.add_argument("--identity-weight", type=float, help="CosFace term weight (0: off); new runs only")
@@ -418,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir} is an existing run: cannot change mixup (use a new --run-dir)")
     config = TrainConfig(**{**asdict(config), **overrides, "augment": augment})
     if config.init not in FRESH_INITS and not Path(config.init).expanduser().exists():
-        parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory or checkpoint")
+        parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory, checkpoint "
+                     "or query manifest")
     progress = run(run_dir, config, max_minutes=args.max_minutes, with_lfw=not args.no_lfw)
     print(f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
           f"{progress.samples} samples, {progress.seconds / 3600:.2f} h of training in total", flush=True)
