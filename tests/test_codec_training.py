@@ -382,3 +382,58 @@ def test_frontier_compares_bytes_at_equal_cosine() -> None:
     assert saved["q1"] == pytest.approx(-0.10) and np.isnan(saved["q2"])
     with pytest.raises(ValueError, match="does not rise"):
         bytes_at_equal(row, {"q1": {"bytes": 600.0, "cos": 0.95}, "q2": {"bytes": 800.0, "cos": 0.94}}, "cos")
+
+
+def test_frontier_reads_the_ring_curves_apart() -> None:
+    from facelink.export.codec.frontier import at_equal_bytes, qualities
+
+    reference = {"epoch": -1, "q1": {"bytes": 600.0, "cos": 0.90}, "q2": {"bytes": 800.0, "cos": 0.94},
+                 "q2r": {"bytes": 700.0, "cos": 0.93}, "q3r": {"bytes": 900.0, "cos": 0.95}}
+    assert qualities(reference) == ["q1", "q2"] and qualities(reference, ring=True) == ["q2r", "q3r"]
+    row = {"epoch": 0, "q2r": {"bytes": 800.0, "cos": 0.945}, "q3r": {"bytes": 900.0, "cos": 0.95}}
+    assert at_equal_bytes(row, reference, "cos", ring=True) == pytest.approx({"q2r": 0.005, "q3r": 0.0})
+
+
+def test_ring_batches_code_the_border_cells_at_the_background_quality(tmp_path: Path) -> None:
+    """`--ring-fraction`: aligned batches coded as the edge codes its crops (the border ring of
+    latent cells at quality 1); a run without it draws the very batches it drew before."""
+    from facelink.export.codec.batches import ring_region
+
+    inside = ring_region(128)
+    assert inside.shape == (8, 8) and int(inside.sum()) == 36 and not inside[0].any() and inside[1:-1, 1:-1].all()
+    torch.manual_seed(0)
+    model = create_codec_model("default").eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        ring = model(x, 4, inside, 1)
+        fine, coarse = model(x, 4), model(x, 1)
+    # Every cell's likelihood is that of its own quality.
+    lik = ring["likelihoods"]["y"]
+    assert torch.equal(lik[..., inside], fine["likelihoods"]["y"][..., inside])
+    assert torch.equal(lik[..., ~inside], coarse["likelihoods"]["y"][..., ~inside])
+    with pytest.raises(ValueError, match="region of"):
+        model(x, 4, ring_region(64), 1)
+
+    cache = synthetic_cache(tmp_path)
+    plain = BatchSampler(cache, np.arange(20), ARCFACE, batch_size=4, frame_fraction=0.25, frame_sides=(128,),
+                         qualities=5, seed=0)
+    ringed = BatchSampler(cache, np.arange(20), ARCFACE, batch_size=4, frame_fraction=0.25, frame_sides=(128,),
+                          qualities=5, seed=0, ring_fraction=1.0)
+    for number, entry in enumerate(plain.epoch_plan(0)):
+        a, b = plain.batch(entry, 0, number), ringed.batch(entry, 0, number)
+        assert torch.equal(a.images, b.images) and a.quality == b.quality and a.region is None
+        if b.kind == "aligned" and b.quality > 1:
+            assert torch.equal(b.region, inside) and b.background == 1 and b.label == f"{b.quality}r"
+        else:
+            assert b.region is None and b.label == str(b.quality)
+
+    first = tmp_path / "first"
+    run(first, small_config(epochs=1), cache=cache, teacher=StubTeacher(), progress_bar=False)
+    run_dir = tmp_path / "run"  # from the first run's weights: its starting point is logged first
+    run(run_dir, small_config(epochs=1, ring_fraction=1.0, init_from=str(first / "checkpoint.pt")), cache=cache,
+        teacher=StubTeacher(), progress_bar=False)
+    rows = [json.loads(line) for line in (run_dir / "val.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [-1, 0]
+    val = rows[-1]
+    assert {"q1", "q5", "q2r", "q5r"} <= set(val) and "q1r" not in val
+    assert all(val[q]["bytes"] > 0 and 0 < val[q]["psnr"] for q in ("q2r", "q5r"))

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from facelink.config import CropRegionCoding
 from facelink.runtime.alignment import Template
 from torch import Tensor
 
 from .data import FaceCache
+from .model import STRIDE
 from .teacher import template_matrices
 
 #: Side of the aligned crops and the reference for the frame batches' picture count.
@@ -47,6 +49,23 @@ class Batch:
     targets: Tensor | None  # (B, dim) the original's embedding for that view, if cached
     quality: int
     kind: str  # "aligned" or "frames"
+    # Latent cells coded at `quality` (the rest at `background`), as the edge codes its crops
+    # (`CropRegionCoding`: the border ring at quality 1); None: every cell at `quality`.
+    region: Tensor | None = None
+    background: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How the batch was coded, for the logs: the quality, 'r' when with the ring."""
+        return f"{self.quality}r" if self.region is not None else str(self.quality)
+
+
+def ring_region(side: int, coding: CropRegionCoding = CropRegionCoding()) -> Tensor:
+    """The inner latent cells of a `side` x `side` crop, those outside its border ring."""
+    cells = side // STRIDE
+    inside = torch.zeros(cells, cells, dtype=torch.bool)
+    inside[coding.border_cells : cells - coding.border_cells, coding.border_cells : cells - coding.border_cells] = True
+    return inside
 
 
 def mirror_where(images: Tensor, which: Tensor) -> Tensor:
@@ -111,6 +130,7 @@ class BatchSampler:
         frame_sides: tuple[int, ...],
         qualities: int,
         seed: int,
+        ring_fraction: float = 0.0,
     ) -> None:
         self.cache = cache
         self.indices = np.asarray(indices)
@@ -120,6 +140,8 @@ class BatchSampler:
         self.frame_sides = frame_sides
         self.qualities = qualities
         self.seed = seed
+        self.ring_fraction = ring_fraction
+        self.ring = CropRegionCoding()
         # Crop -> template matrices, once: the crop landmarks never change.
         self.matrices = template_matrices(cache.crop_landmarks, template)
 
@@ -159,7 +181,18 @@ class BatchSampler:
             targets=torch.from_numpy(self.cache.embeddings[indices, views.astype(int)]),
             quality=quality,
             kind="aligned",
+            **self._ring(epoch, number, quality),
         )
+
+    def _ring(self, epoch: int, number: int, quality: int) -> dict:
+        """Whether an aligned batch is coded as the edge codes its crops, with the border ring at
+        the background quality. A stream of its own, so runs without the ring draw the same
+        batches as before it existed."""
+        if quality <= self.ring.background_quality or self.ring_fraction <= 0:
+            return {}
+        if np.random.default_rng([self.seed, epoch, number, 2]).random() >= self.ring_fraction:
+            return {}
+        return {"region": ring_region(CROP_SIDE, self.ring), "background": self.ring.background_quality}
 
     def _frames(self, rng: np.random.Generator, quality: int) -> Batch:
         side = int(rng.choice(self.frame_sides))

@@ -145,12 +145,11 @@ class FaceCodecModel(CompressionModel):
         if height % STRIDE or width % STRIDE:
             raise ValueError(f"input sides must be multiples of {STRIDE}, got {width}x{height}")
 
-    def forward(self, x: Tensor, quality: int | None = None) -> dict[str, Tensor | dict[str, Tensor]]:
-        """Training / evaluation pass: reconstruction and the latent's likelihoods (for the rate)."""
-        self._check_size(x)
-        index = self._index(quality)
+    def _quantised(self, y: Tensor, index: int) -> tuple[Tensor, Tensor]:
+        """The latent at one quality: (what the decoder sees, already times the inverse gain; the
+        likelihoods of its symbols)."""
         bottleneck = self.entropy_bottlenecks[index]
-        y = self.g_a(x) * self.gains.gain(index)
+        y = y * self.gains.gain(index)
         y_noisy, likelihoods = bottleneck(y)
         if self.training:
             # Mixed quantisation (Minnen & Singh 2020): the rate sees additive uniform noise (a
@@ -160,7 +159,28 @@ class FaceCodecModel(CompressionModel):
             y_hat = y + (torch.round(y - medians) + medians - y).detach()
         else:
             y_hat = y_noisy  # in eval mode the bottleneck already rounded around the medians
-        x_hat = self.g_s(y_hat * self.gains.inverse_gain(index))
+        return y_hat * self.gains.inverse_gain(index), likelihoods
+
+    def forward(
+        self, x: Tensor, quality: int | None = None, region: Tensor | None = None, background: int | None = None
+    ) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Training / evaluation pass: reconstruction and the latent's likelihoods (for the rate).
+
+        With `region` (a boolean map of latent cells) and `background` (a quality), the cells
+        outside the region are coded at the background quality, as the run time's bitstream v2
+        codes them (`runtime.codecs.face_aware`: the crop's border ring at quality 1)."""
+        self._check_size(x)
+        index = self._index(quality)
+        y = self.g_a(x)
+        y_hat, likelihoods = self._quantised(y, index)
+        if region is not None and background is not None:
+            inside = region.to(device=y.device, dtype=torch.bool)[None, None]
+            if inside.shape[-2:] != y.shape[-2:]:
+                raise ValueError(f"region of {tuple(inside.shape[-2:])} cells for a latent of {tuple(y.shape[-2:])}")
+            outside_hat, outside_likelihoods = self._quantised(y, self._index(background))
+            y_hat = torch.where(inside, y_hat, outside_hat)
+            likelihoods = torch.where(inside, likelihoods, outside_likelihoods)
+        x_hat = self.g_s(y_hat)
         return {"x_hat": x_hat, "likelihoods": {"y": likelihoods}}
 
     @torch.no_grad()

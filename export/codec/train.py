@@ -40,8 +40,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from facelink.config import CropRegionCoding
+
 from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
-from .batches import Batch, BatchSampler, split_by_identity
+from .batches import Batch, BatchSampler, ring_region, split_by_identity
 from .data import FaceCache, build_cache, training_sources
 from .losses import LossTerms, RateDistortionIdentityLoss
 from .model import CODEC_MODELS, FaceCodecModel, create_codec_model
@@ -87,6 +89,10 @@ class TrainConfig:
     # loss weighted towards identity costs no rate: the decoder can only get better at what
     # the bits already carry. Meant with --init-from.
     train: Trainable = "all"
+    # Share of the aligned batches above quality 1 coded as the edge codes its crops: the border
+    # ring of latent cells at quality 1 (`batches.ring_region`), so that the encoder learns what
+    # to leave to the ring and the decoder learns the seam; 0: every cell at the batch's quality.
+    ring_fraction: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -170,7 +176,7 @@ def train_step(
     unattended run (GDN at this learning rate can spike).
     """
     model.train()
-    terms = criterion(model(batch.images, batch.quality), batch)
+    terms = criterion(model(batch.images, batch.quality, batch.region, batch.background), batch)
     optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.main_parameters(), clip_norm)
@@ -189,14 +195,14 @@ class Window:
     """Running means over the last logging window, per quality."""
 
     def __init__(self) -> None:
-        self.sums: dict[int, dict[str, float]] = {}
+        self.sums: dict[str, dict[str, float]] = {}
         self.aux = 0.0
         self.steps = 0
         self.skipped = 0
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, quality: int, terms: LossTerms, aux: float, samples: int, stepped: bool) -> None:
+    def add(self, quality: str, terms: LossTerms, aux: float, samples: int, stepped: bool) -> None:
         self.aux += aux
         self.steps += 1
         self.samples += samples
@@ -248,32 +254,49 @@ class Validation:
         return cls(images, matrices, reference)
 
 
+def _coded(model: FaceCodecModel, x: Tensor, quality: int, inside: Tensor | None, background: int) -> tuple[list[int], Tensor]:
+    """Real bitstreams of `x` at `quality` (with `inside`: those cells only, the rest at
+    `background`, as bitstream v2 codes them, one stream per part): bytes per image, and the
+    decoded images rounded to uint8 as the cloud recognises them."""
+    if inside is None:
+        encoded = model.compress(x, quality)
+        x_hat = model.decompress(encoded["strings"], encoded["shape"], quality)["x_hat"]
+        return [len(s) for s in encoded["strings"][0]], torch.round(x_hat * 255) / 255
+    y = model.g_a(x)
+    sizes = [0] * len(x)
+    for q, cells in ((quality, inside), (background, ~inside)):
+        part = (y * model.gains.gain(q - 1))[:, :, cells].unsqueeze(2)  # (B, C, 1, cells)
+        sizes = [n + len(s) for n, s in zip(sizes, model.entropy_bottlenecks[q - 1].compress(part))]
+    # In eval mode the forward pass rounds around the medians: what decompress gives back.
+    return sizes, torch.round(model(x, quality, inside, background)["x_hat"].clamp(0, 1) * 255) / 255
+
+
 @torch.no_grad()
 def validate(model: FaceCodecModel, teacher: FaceTeacher, data: Validation, chunk: int = 32) -> dict:
-    """Real bitstreams for every quality: bytes, PSNR and teacher cosine of the decoded uint8 faces."""
+    """Real bitstreams for every quality (`q<n>`), and for every quality above the ring's with the
+    crop's border ring at quality 1 as the edge sends it (`q<n>r`): bytes, PSNR and teacher cosine
+    of the decoded uint8 faces."""
     model.eval()
     # Re-fit the bottlenecks' quantiles to their densities by bisection before building the
     # tables: the aux loss gets there too, but at its learning rate only after many thousand
     # steps, and until then the tables would be too narrow or too wide and the bytes misleading.
     model.update(force=True, update_quantiles=True)
     _, _, height, width = data.images.shape
+    ring, inside = CropRegionCoding(), ring_region(height)
+    settings = [(f"q{q}", q, None) for q in range(1, model.arch.qualities + 1)]
+    settings += [(f"q{q}r", q, inside) for q in range(ring.background_quality + 1, model.arch.qualities + 1)]
     result = {}
-    for quality in range(1, model.arch.qualities + 1):
+    for key, quality, cells in settings:
         sizes, errors, cosines = [], [], []
         for start in range(0, len(data.images), chunk):
             x = data.images[start : start + chunk]
-            encoded = model.compress(x, quality)
-            sizes += [len(s) for s in encoded["strings"][0]]
-            # What the cloud recognises: the decoded image rounded to uint8.
-            x_hat = (
-                torch.round(model.decompress(encoded["strings"], encoded["shape"], quality)["x_hat"] * 255)
-                / 255
-            )
+            coded, x_hat = _coded(model, x, quality, cells, ring.background_quality)
+            sizes += coded
             errors.append(((x_hat - x) ** 2).mean(dim=(1, 2, 3)))
             faces = warp_to_template(x_hat, data.matrices[start : start + chunk], teacher.template.size)
             cosines.append((teacher.flip_augmented(faces) * data.reference[start : start + chunk]).sum(dim=1))
         mse, cos = torch.cat(errors), torch.cat(cosines)
-        result[f"q{quality}"] = {
+        result[key] = {
             "bytes": round(float(np.mean(sizes)), 1),
             "bpp": round(float(np.mean(sizes)) * 8 / (height * width), 5),
             "psnr": round(float(10 * torch.log10(1 / mse.mean())), 3),
@@ -350,8 +373,13 @@ def run(
         frame_sides=config.frame_sides,
         qualities=model.arch.qualities,
         seed=config.seed,
+        ring_fraction=config.ring_fraction,
     )
     validation = Validation.build(cache, val_indices[: config.val_images], teacher)
+    if config.init_from and progress.step == 0 and not (run_dir / "val.jsonl").is_file():
+        # Where a run from other weights starts (epoch -1), so that its epochs can be read against
+        # it (`frontier --reference RUN/val.jsonl --reference-epoch -1`).
+        append_jsonl(run_dir / "val.jsonl", {"epoch": -1, "step": 0, **validate(model, teacher, validation)})
     print(
         f"{len(cache)} crops: {len(train_indices)} train, {len(val_indices)} held out "
         f"({len(held_out)} celeba-dev identities, {len(validation.images)} validated per epoch); "
@@ -420,7 +448,7 @@ def _loop(
             progress.batch += 1
             progress.step += 1
             progress.samples += len(batch.images)
-            window.add(batch.quality, terms, aux, len(batch.images), stepped)
+            window.add(batch.label, terms, aux, len(batch.images), stepped)
             bar.update(1)
             if progress.step % config.log_every == 0:
                 summary = window.summary()
@@ -468,6 +496,7 @@ def train_command(config: TrainConfig, run_dir: str = "RUN") -> str:
     flags = {
         "model": "--model", "batch_size": "--batch-size", "seed": "--seed", "lambdas": "--lambdas",
         "identity_weights": "--identity-weights", "init_from": "--init-from", "train": "--train",
+        "ring_fraction": "--ring-fraction",
     }
     default = TrainConfig()
     parts = ["python", "-m", "facelink.export.codec.train", "--run-dir", run_dir]
@@ -507,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--train", choices=TRAINABLE,
                         help="new runs only: 'decoder' trains the decoder alone, every face keeps its bytes")
+    parser.add_argument("--ring-fraction", type=float, help="new runs only: share of the aligned batches above "
+                        "quality 1 coded with the crop's border ring at quality 1, as the edge sends them (default 0)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--epochs", type=int)
@@ -523,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             "identity_weights": args.identity_weights,
             "init_from": args.init_from,
             "train": args.train,
+            "ring_fraction": args.ring_fraction,
             "threads": args.threads,
             "lr": args.lr,
             "epochs": args.epochs,
