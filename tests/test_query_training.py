@@ -233,6 +233,16 @@ def test_a_warm_restart_may_start_from_an_exported_query_models_manifest(tmp_pat
     with pytest.raises(ValueError, match="mfn64 model, this run trains mfn96-half"):
         train.init_from_checkpoint(create_query_model("mfn96-half"), "mfn96-half", manifest)
 
+    # A run from a manifest is the first of its lineage: the manifest says how it was made.
+    from facelink.export.query.export import lineage
+
+    tiny = write_manifest(create_query_model(tiny_config().model), tmp_path / "tiny.json", name="query-unit",
+                          version="v0", match_threshold=0.3, flip_augmentation=False, source="made by hand",
+                          description="test")
+    train.run(tmp_path / "b", tiny_config(init=str(tiny), epochs=1), cache=tiny_cache(), teacher=tiny_teacher(),
+              with_lfw=False, progress_bar=False)
+    assert [run_dir for run_dir, _, _ in lineage(tmp_path / "b")] == [tmp_path / "b"]
+
 
 def test_a_resampled_global_depthwise_kernel_weighs_a_uniform_feature_map_as_before() -> None:
     """Down (MobileFaceNet's 7x7 to 4x4) and up (mfn64's 4x4 to mfn72's 5x5): a kernel that is

@@ -87,7 +87,8 @@ def load_trained(run_dir: Path) -> tuple[QueryNet, dict, dict]:
 
 def lineage(run_dir: Path) -> list[tuple[Path, dict, dict]]:
     """(run directory, config, progress) of the run and of every run it was warm-started from
-    (`--init` a checkpoint), oldest first: what it takes to reproduce the weights."""
+    (`--init` a checkpoint), oldest first: what it takes to reproduce the weights. A run started
+    from an exported manifest ends the chain: the manifest records how its own weights were made."""
     from .train import FRESH_INITS  # train imports this module (it writes manifests)
 
     runs: list[tuple[Path, dict, dict]] = []
@@ -96,7 +97,7 @@ def lineage(run_dir: Path) -> list[tuple[Path, dict, dict]]:
             raise ValueError(f"{run_dir}: its runs' --init checkpoints form a loop")
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         runs.append((run_dir, state["config"], state["progress"]))
-        if state["config"].get("init", "mobilefacenet") in FRESH_INITS:
+        if state["config"].get("init", "mobilefacenet") in FRESH_INITS or state["config"]["init"].endswith(".json"):
             return runs[::-1]
         init = Path(state["config"]["init"]).expanduser()
         run_dir = init if init.is_dir() else init.parent
@@ -150,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         measured = (f" LFW View 2 after epoch {validation['epoch']} (the run's own evaluation through this ONNX export): "
                     f"{lfw['accuracy']:.2f}% +- {lfw['accuracy_std']:.2f}, TAR@FAR=1e-3 {lfw['tar_at_far']:.2f}%.")
     runs = lineage(run_dir)
-    start = "random" if runs[0][1].get("init") == "random" else "MobileFaceNet's"
+    origin = runs[0][1].get("init", "mobilefacenet")
+    start = {"random": "random", "mobilefacenet": "MobileFaceNet's"}.get(origin, f"{Path(origin).name}'s")
     commands = ", then ".join(f"`{train_command(c, d)}`" for d, c, _ in runs)
+    if origin.endswith(".json"):  # continued from what shipped: how that was made comes first
+        commands = f"{load_manifest(origin).source}, then {commands}"
     schedules = ", then continued with a fresh schedule ".join(
         f"({p['epoch']} epochs, {p['samples']} views, {p['seconds'] / 3600:.2f} h on {c.get('threads', 1)} CPU thread(s))"
         for _, c, p in runs)

@@ -222,11 +222,11 @@ def _manifest_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
         if arch.input_size != manifest.input.width:
             continue
         model = create_query_model(name)
-        modules = [(key, m) for key, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        if len(modules) != len(convs):
+        names = [key for key, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+        if len(names) != len(convs):
             continue
         weights = {}
-        for (key, module), node in zip(modules, convs):
+        for key, node in zip(names, convs):
             weights[f"{key}.weight"], weights[f"{key}.bias"] = tensors[node.input[1]], tensors[node.input[2]]
         if all(weights[k].shape == v.shape for k, v in model.state_dict().items()):
             return name, weights
