@@ -587,6 +587,7 @@ examples:
 TRAINING_JOBS = {
     "codec": "facelink.export.codec.train",
     "codec-bundle": "facelink.export.codec.bundle",
+    "codec-unbundle": "facelink.export.codec.unbundle",
     "codec-frontier": "facelink.export.codec.frontier",
     "codec-speed": "facelink.export.codec.speed",
     "codec-prior-study": "facelink.export.codec.prior_study",
@@ -626,6 +627,7 @@ jobs:
   codec              train the learned codec (rate + distortion + identity loss; resumable run folder)
   codec-frontier     compare a run's held-out figures with a reference run's at equal bytes
   codec-bundle       export a codec checkpoint to ONNX + entropy tables + manifest (no torch to run it)
+  codec-unbundle     a shipped codec bundle back into a trainable checkpoint (or: codec --init-from NAME)
   codec-speed        MACs, parameters and ONNX Runtime ms of a codec architecture
   codec-prior-study  how many bytes richer static priors would save on held-out latents
   query              train the lightweight query model by distillation (resumable run folder)
@@ -635,6 +637,7 @@ jobs:
 
 examples:
   facelink train codec -- --run-dir ~/.cache/facelink/runs/my-codec --max-minutes 120
+  facelink train codec -- --run-dir ~/.cache/facelink/runs/more-wide --model wide --init-from wide --lr 3e-5
   facelink train codec-frontier -- export/codec/runs/codec-v5/val.jsonl \\
       --reference export/codec/runs/codec-v2/val.jsonl
   facelink train query -- --run-dir ~/.cache/facelink/runs/my-query --model mfn72 --mixup 0.5
