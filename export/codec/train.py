@@ -192,7 +192,7 @@ def train_step(
 
 
 class Window:
-    """Running means over the last logging window, per quality."""
+    """Running means over the last logging window, per quality (and per quality with the ring)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, dict[str, float]] = {}
@@ -202,14 +202,15 @@ class Window:
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, quality: str, terms: LossTerms, aux: float, samples: int, stepped: bool) -> None:
+    def add(self, label: str, terms: LossTerms, aux: float, samples: int, stepped: bool) -> None:
+        """One step of a batch coded as `label` says (`Batch.label`: the quality, 'r' with the ring)."""
         self.aux += aux
         self.steps += 1
         self.samples += samples
         if not stepped:
             self.skipped += 1
             return
-        row = self.sums.setdefault(quality, {"n": 0, "loss": 0.0, "bpp": 0.0, "mse": 0.0, "cos": 0.0})
+        row = self.sums.setdefault(label, {"n": 0, "loss": 0.0, "bpp": 0.0, "mse": 0.0, "cos": 0.0})
         row["n"] += 1
         row["loss"] += terms.loss.item()
         row["bpp"] += terms.bpp.item()
@@ -218,9 +219,9 @@ class Window:
 
     def summary(self) -> dict:
         per_quality = {}
-        for quality, row in sorted(self.sums.items()):
+        for label, row in sorted(self.sums.items()):
             n = row["n"]
-            per_quality[f"q{quality}"] = {
+            per_quality[f"q{label}"] = {
                 "n": n,
                 "loss": round(row["loss"] / n, 5),
                 "bpp": round(row["bpp"] / n, 5),
