@@ -437,3 +437,15 @@ def test_ring_batches_code_the_border_cells_at_the_background_quality(tmp_path: 
     val = rows[-1]
     assert {"q1", "q5", "q2r", "q5r"} <= set(val) and "q1r" not in val
     assert all(val[q]["bytes"] > 0 and 0 < val[q]["psnr"] for q in ("q2r", "q5r"))
+
+
+def test_a_bad_init_from_or_ring_fraction_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    from facelink.export.codec.train import main
+
+    for argv, message in ((["--init-from", "nosuch"], "no learned codec named 'nosuch'"),
+                          (["--init-from", str(tmp_path / "none.pt")], "no such checkpoint"),
+                          (["--ring-fraction", "2"], "--ring-fraction must be in 0..1")):
+        with pytest.raises(SystemExit):
+            main(["--run-dir", str(tmp_path / "run"), *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

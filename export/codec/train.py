@@ -41,6 +41,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from facelink.config import CropRegionCoding
+from facelink.runtime.codecs.learned import load_codec_manifest
+from facelink.runtime.manifest import ManifestError
 
 from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
 from .batches import Batch, BatchSampler, ring_region, split_by_identity
@@ -577,6 +579,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides})
+    if config.init_from and not (run_dir / "checkpoint.pt").is_file():  # say so now, not after the cache is built
+        if is_bundle_reference(config.init_from):
+            try:
+                load_codec_manifest(config.init_from)
+            except (ManifestError, FileNotFoundError, ValueError) as error:
+                parser.error(f"--init-from {config.init_from}: {error}")
+        elif not Path(config.init_from).expanduser().is_file():
+            parser.error(f"--init-from {config.init_from}: no such checkpoint (or give a bundled codec's name or manifest)")
+    if not 0 <= config.ring_fraction <= 1:
+        parser.error(f"--ring-fraction must be in 0..1, got {config.ring_fraction}")
     progress = run(run_dir, config, max_minutes=args.max_minutes)
     print(
         f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
