@@ -52,7 +52,7 @@ from tqdm import tqdm
 from facelink.config import cache_dir
 from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
-from facelink.runtime.manifest import load_manifest
+from facelink.runtime.manifest import ManifestError, load_manifest
 
 from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
@@ -454,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     if config.init not in FRESH_INITS and not Path(config.init).expanduser().exists():
         parser.error(f"--init {config.init}: neither mobilefacenet, random nor an existing run directory, checkpoint "
                      "or query manifest")
+    if config.init.endswith(".json") and not (run_dir / "checkpoint.pt").is_file():  # now, not after the cache is built
+        try:
+            init_from_checkpoint(create_query_model(config.model), config.model, Path(config.init).expanduser())
+        except (ManifestError, ValueError) as error:
+            parser.error(str(error))
     progress = run(run_dir, config, max_minutes=args.max_minutes, with_lfw=not args.no_lfw)
     print(f"stopped at epoch {progress.epoch} batch {progress.batch}, step {progress.step}, "
           f"{progress.samples} samples, {progress.seconds / 3600:.2f} h of training in total", flush=True)
