@@ -28,15 +28,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN
-from onnx import numpy_helper
 from torch import Tensor
 
 from facelink.runtime.codecs.learned import LearnedFaceCodec, load_codec_manifest
 
+from ..onnx_weights import graph_tensors
 from .model import CODEC_MODELS, CodecArch, FaceCodecModel, create_codec_model
 
 
@@ -48,22 +47,13 @@ def _registry_name(arch: CodecArch) -> str:
                      f"({', '.join(sorted(CODEC_MODELS))})")
 
 
-def _initializers(path: Path, prefix: str) -> dict[str, Tensor]:
-    """A graph's weights by state-dict name (`prefix.index.field`), including those the exporter
-    stored once and aliased through Identity nodes (tensors that happened to be equal)."""
-    graph = onnx.load(str(path)).graph
-    tensors = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in tensors:
-            tensors[node.output[0]] = tensors[node.input[0]]
-    return {key: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-
-
 @torch.no_grad()
-def _load_transform(model: FaceCodecModel, weights: dict[str, Tensor]) -> None:
-    """Convolutions as they are; GDN beta / gamma from their effective values."""
+def _load_transform(model: FaceCodecModel, prefix: str, graph: Path) -> None:
+    """The transform `prefix` (g_a, g_s) from its ONNX graph, whose tensors carry the state-dict
+    names: convolutions as they are, GDN beta / gamma from their effective values."""
+    weights = {key: torch.from_numpy(value) for key, value in graph_tensors(graph).items()
+               if key.startswith(prefix + ".")}
     state = model.state_dict()
-    prefix = next(iter(weights)).split(".")[0]
     trained = {key for key, _ in model.named_parameters() if key.startswith(prefix + ".")}
     missing = trained - set(weights)
     if missing:
@@ -133,8 +123,8 @@ def codec_from_bundle(name_or_path: str | Path, density_steps: int = 1500) -> tu
         raise ValueError(f"{manifest_path}: the manifest records no training architecture")
     name = _registry_name(CodecArch(**architecture))
     model = create_codec_model(name)
-    _load_transform(model, _initializers(codec.bundle_file("encoder"), "g_a"))
-    _load_transform(model, _initializers(codec.bundle_file("decoder"), "g_s"))
+    _load_transform(model, "g_a", codec.bundle_file("encoder"))
+    _load_transform(model, "g_s", codec.bundle_file("decoder"))
     with np.load(codec.bundle_file("tables")) as npz:
         tables = {key: npz[key] for key in npz.files}
     excess = []

@@ -31,11 +31,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from torch import Tensor, nn
+
+from ..onnx_weights import conv_weights
 
 #: MobileFaceNet's bottlenecks: (input channels, expansion channels, output channels, stride).
 MOBILEFACENET_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
@@ -154,14 +153,6 @@ def create_query_model(name: str = DEFAULT_QUERY_MODEL) -> QueryNet:
 
 
 # -- initialisation from MobileFaceNet -----------------------------------------------------------------
-def mobilefacenet_conv_weights(onnx_path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(weight, bias) of every Conv of MobileFaceNet's ONNX graph, in graph order (BatchNorm folded)."""
-    model = onnx.load(str(onnx_path))
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    convs = [node for node in model.graph.node if node.op_type == "Conv"]
-    return [(values[node.input[1]], values[node.input[2]]) for node in convs]
-
-
 def full_mobilefacenet(onnx_path: str | Path, input_size: int = 112) -> QueryNet:
     """MobileFaceNet itself as a QueryNet (expand_keep 1): the source the pruned model is cut from.
 
@@ -169,7 +160,7 @@ def full_mobilefacenet(onnx_path: str | Path, input_size: int = 112) -> QueryNet
     mapping before any pruning relies on it.
     """
     net = QueryNet(QueryArch(input_size=input_size, expand_keep=1.0))
-    weights = mobilefacenet_conv_weights(onnx_path)
+    weights = conv_weights(onnx_path)  # MobileFaceNet's deployed graph: BatchNorm folded
     convs = net.convolutions()
     if len(weights) != len(convs):
         raise ValueError(f"{onnx_path}: {len(weights)} convolutions, the MobileFaceNet topology has {len(convs)}")

@@ -42,10 +42,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -54,6 +52,7 @@ from facelink.export.codec.data import FaceCache, build_cache, training_sources
 from facelink.runtime.alignment import ARCFACE
 from facelink.runtime.manifest import ManifestError, load_manifest
 
+from ..onnx_weights import conv_weights
 from ..training import Checkpoints, Progress, StopRequest, append_jsonl, config_from_dict, open_run
 from .data import Augment, ViewSampler, query_template, split_by_identity, unaugmented
 from .evaluate import LfwProbe, both_views, held_out_metrics, raw_recognizer
@@ -208,16 +207,10 @@ def _checkpoint_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
 
 def _manifest_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
     """An exported query model's weights, so that what shipped can be trained on where the run's
-    checkpoint is gone. Read by the graph's Conv nodes, in order, rather than by initializer
-    names: the exporter shares identical tensors (a fresh model's zero biases) under one name.
-    The architecture is the registered one with those shapes at the manifest's input size."""
+    checkpoint is gone: its Conv nodes in graph order are the model's convolutions in order. The
+    architecture is the registered one with those shapes at the manifest's input size."""
     manifest = load_manifest(path)
-    graph = onnx.load(str(manifest.weights())).graph
-    tensors = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.initializer}
-    for node in graph.node:  # the exporter aliases a shared tensor through Identity nodes
-        if node.op_type == "Identity" and node.input[0] in tensors:
-            tensors[node.output[0]] = tensors[node.input[0]]
-    convs = [node for node in graph.node if node.op_type == "Conv"]
+    convs = conv_weights(manifest.weights())
     for name, arch in QUERY_MODELS.items():
         if arch.input_size != manifest.input.width:
             continue
@@ -226,8 +219,8 @@ def _manifest_weights(path: Path) -> tuple[str, dict[str, Tensor]]:
         if len(names) != len(convs):
             continue
         weights = {}
-        for key, node in zip(names, convs):
-            weights[f"{key}.weight"], weights[f"{key}.bias"] = tensors[node.input[1]], tensors[node.input[2]]
+        for key, (weight, bias) in zip(names, convs):
+            weights[f"{key}.weight"], weights[f"{key}.bias"] = torch.from_numpy(weight), torch.from_numpy(bias)
         if all(weights[k].shape == v.shape for k, v in model.state_dict().items()):
             return name, weights
     raise ValueError(f"--init {path}: its ONNX graph is no registered query model at {manifest.input.width} px")
