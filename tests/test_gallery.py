@@ -152,7 +152,11 @@ def test_remove_unknown_identity(gallery, rng):
     assert str(info.value) == "unknown identity 'bob'"
 
 
-@pytest.mark.parametrize("name", ["", "x" * 257, "tab\there", "new\nline", "nul\x00", "del\x7f", "c1\x85"])
+# An emoji ZWJ sequence is refused with the other invisible characters: the joiner cannot be
+# seen, and the same rule must hold for every Cf character (tests/test_gallery_privacy.py).
+@pytest.mark.parametrize(
+    "name", ["", "x" * 257, "tab\there", "new\nline", "nul\x00", "del\x7f", "c1\x85", "\U0001f469\u200d\U0001f52c"]
+)
 def test_invalid_identity_names(gallery, rng, name):
     with pytest.raises(InvalidIdentityError) as info:
         gallery.enroll(name, MODEL, unit(rng, 1))
@@ -160,7 +164,7 @@ def test_invalid_identity_names(gallery, rng, name):
     assert len(gallery) == 0
 
 
-@pytest.mark.parametrize("name", ["x" * 256, "José Ñúñez", "李雷", "O'Brien-Smith (2)", "👩‍🔬"])
+@pytest.mark.parametrize("name", ["x" * 256, "José Ñúñez", "李雷", "O'Brien-Smith (2)", "🔬"])
 def test_valid_identity_names(gallery, rng, name):
     gallery.enroll(name, MODEL, unit(rng, 1))
     assert name in gallery and gallery.list()[0][0].identity == name

@@ -8,6 +8,10 @@ Every write goes to the store first, in one transaction, and reaches the index o
 commit, so a failed enrollment leaves no trace and a crash loses at most what the store lost.
 On open, the indexes are rebuilt from the store: there is no index file to get out of step.
 
+The folder is made private (0700) and the database files in it 0600; an erasure leaves nothing
+of the person in any file (see `store` for how). Identity names are normalised (`rules`) and
+everything a client can store is bounded by `GalleryLimits`.
+
 One `Gallery` is shared by the gRPC server's worker threads. A single re-entrant lock
 serialises every call: SQLite allows one writer anyway, and a search over an exact flat index
 is short next to the network round trip, so finer locking would buy little.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,30 +32,33 @@ from typing import Literal
 import numpy as np
 
 from .derived import QueryModel
+from .errors import GalleryError, UnknownIdentityError
 from .index import EmbeddingIndex, Match, unit_rows
+from .rules import GalleryLimits, check_metadata, normalize_identity
 from .store import (
-    GalleryError,
     GalleryStore,
     IdentityRecord,
     TemplateRecord,
     Templates,
-    validate_identity,
+    private_umask,
     validate_model_id,
 )
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "gallery.sqlite3"
+#: Mode of the gallery folder: only the server's user may list or open what is inside.
+DIR_MODE = 0o700
 
 
 class Gallery:
     """Enrolled identities and nearest-identity search, safe to share between threads."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, limits: GalleryLimits | None = None) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(self.directory)
         self._lock = threading.RLock()
-        self._store = GalleryStore(self.directory / DB_NAME)
+        self._store = GalleryStore(self.directory / DB_NAME, limits)
         self._indexes: dict[str, EmbeddingIndex] = {}
         try:
             self._rebuild()
@@ -59,9 +67,13 @@ class Gallery:
             raise
 
     @classmethod
-    def open(cls, directory: str | Path) -> Gallery:
+    def open(cls, directory: str | Path, limits: GalleryLimits | None = None) -> Gallery:
         """Open (creating if needed) the gallery in `directory`; same as the constructor."""
-        return cls(directory)
+        return cls(directory, limits)
+
+    @property
+    def limits(self) -> GalleryLimits:
+        return self._store.limits
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -101,10 +113,11 @@ class Gallery:
         for this model are dropped first and its metadata is overwritten by `metadata` (None
         meaning empty); otherwise `metadata` is merged into what is stored. All or nothing.
         Returns (templates added, templates the identity now holds for this model).
-        Raises InvalidIdentityError for a bad name and ValueError for a bad array (wrong shape,
-        non-finite or all-zero rows, a dimension other than the model's), metadata or sources.
+        Raises InvalidIdentityError for a bad name, InvalidMetadataError for bad metadata,
+        GalleryQuotaError past a `GalleryLimits` bound, and ValueError for a bad array (wrong
+        shape, non-finite or all-zero rows, a dimension other than the model's) or sources.
         """
-        name = validate_identity(identity)
+        normalize_identity(identity)  # refuse a bad name before any work on the arrays
         validate_model_id(model_id)
         vectors = unit_rows(embeddings)
         if len(vectors) == 0:
@@ -114,7 +127,7 @@ class Gallery:
             if len(sources) != len(vectors) or not all(isinstance(s, str) for s in sources):
                 raise ValueError(f"sources must be {len(vectors)} strings, one per embedding row")
         batch = Templates.ok(model_id, vectors, sources or [None] * len(vectors))
-        totals = self._add(name, [batch], "models" if replace else None, metadata)
+        totals = self._add(identity, [batch], "models" if replace else None, metadata)
         return len(vectors), totals[model_id]
 
     def enroll_pictures(
@@ -135,7 +148,7 @@ class Gallery:
         overwritten. All or nothing. Returns (pictures added, pictures the identity now holds).
         Raises as `enroll` does, and ValueError if the arrays differ in length.
         """
-        name = validate_identity(identity)
+        normalize_identity(identity)
         if not embeddings:
             raise ValueError("embeddings must hold at least one gallery model")
         vectors = {validate_model_id(m): unit_rows(e, f"{m} embeddings") for m, e in embeddings.items()}
@@ -147,7 +160,7 @@ class Gallery:
         batches += [q.derive(vectors, keys) for q in query_models]
         if len({b.model_id for b in batches}) != len(batches):
             raise ValueError(f"a model appears twice among {[b.model_id for b in batches]}")
-        totals = self._add(name, batches, "identity" if replace else None, metadata)
+        totals = self._add(identity, batches, "identity" if replace else None, metadata)
         # Counted as list() counts: pictures, in the model holding the most of them.
         return len(keys), max(totals.values())
 
@@ -157,17 +170,18 @@ class Gallery:
     ) -> dict[str, int]:
         """Store `batches`, then mirror the change in the indexes; returns the identity's
         template count per model."""
-        meta = _check_strings(metadata, "metadata")
+        meta = check_metadata(metadata, self.limits)
         with self._lock:
             self._check_open()
             result = self._store.add_templates(name, batches, replace=replace, metadata=meta)
+            stored = result.identity  # the index labels matches with the name as stored
             for model_id, ids in result.removed.items():
                 if model_id not in result.added:
-                    self._mirror(model_id, ids, [], None, name)
+                    self._mirror(model_id, ids, [], None, stored)
             for batch in batches:
                 keep = batch.indexed
                 added = [tid for tid, kept in zip(result.added[batch.model_id], keep) if kept]
-                self._mirror(batch.model_id, result.removed.get(batch.model_id, []), added, batch.vectors[keep], name)
+                self._mirror(batch.model_id, result.removed.get(batch.model_id, []), added, batch.vectors[keep], stored)
         return result.totals
 
     def rebuild_derived(self, query_model: QueryModel) -> dict[str, int]:
@@ -186,18 +200,28 @@ class Gallery:
         return counts
 
     def remove(self, identity: str) -> int:
-        """Remove `identity` and its templates for every model; returns how many pictures went.
+        """Erase `identity`: its metadata and its templates of every model, derived query-model
+        ones included, from the store (leaving nothing readable in its files) and the indexes.
+        Returns how many pictures went.
 
-        Pictures are counted as list() counts them: templates of the model holding the most.
-        Raises UnknownIdentityError if it is not enrolled, InvalidIdentityError for a bad name.
+        `identity` is looked up as stored, then normalised. Pictures are counted as list()
+        counts them: templates of the model holding the most. Raises UnknownIdentityError if
+        it is not enrolled, InvalidIdentityError for a bad name.
         """
-        name = validate_identity(identity)
         with self._lock:
             self._check_open()
-            removed = self._store.remove_identity(name)
+            removed = self._store.remove_identity(identity)
             for model_id, ids in removed.items():
-                self._mirror(model_id, ids, [], None, name)
+                self._mirror(model_id, ids, [], None, identity)
         return max((len(ids) for ids in removed.values()), default=0)
+
+    def compact(self) -> bool:
+        """Rewrite the database file (VACUUM) and truncate its WAL: run once on a gallery that
+        removed identities before erasures were scrubbed. False if a reader blocked the WAL
+        truncation (retried after later writes and at close)."""
+        with self._lock:
+            self._check_open()
+            return self._store.compact()
 
     def _mirror(
         self, model_id: str, removed: list[int], added: list[int], vectors: np.ndarray | None, name: str
@@ -272,10 +296,28 @@ class Gallery:
     def templates_of(self, identity: str) -> builtins.list[TemplateRecord]:
         """Every template of `identity`: each model's, dropped ones included, with status,
         uncertainty and the reason for a flag or a drop. Raises UnknownIdentityError."""
-        name = validate_identity(identity)
         with self._lock:
             self._check_open()
-            return self._store.templates_of(name)
+            return self._store.templates_of(identity)
+
+    def resolve(self, identity: str) -> str:
+        """The name `identity` is stored under (its normalised form, or the exact stored name of
+        an identity enrolled before names were normalised). Raises UnknownIdentityError, or
+        InvalidIdentityError for a name that is neither stored nor valid."""
+        with self._lock:
+            self._check_open()
+            stored = self._store.resolve(identity)
+        if stored is None:
+            raise UnknownIdentityError(identity)
+        return stored
+
+    def normalized_name(self, identity: str) -> str:
+        """The name an enrollment of `identity` is (or would be) stored under: the stored name
+        if it is enrolled (see `resolve`), else its normalised form. Raises InvalidIdentityError."""
+        try:
+            return self.resolve(identity)
+        except UnknownIdentityError:
+            return normalize_identity(identity)
 
     def dim(self, model_id: str) -> int | None:
         """The embedding dimension of `model_id`'s templates, or None if it has none."""
@@ -314,11 +356,12 @@ class Gallery:
         return f"Gallery({str(self.directory)!r}, {state})"
 
 
-def _check_strings(mapping: Mapping[str, str] | None, what: str) -> dict[str, str] | None:
-    if mapping is None:
-        return None
-    out = dict(mapping)
-    bad = next(((k, v) for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str)), None)
-    if bad is not None:
-        raise ValueError(f"{what} must map strings to strings, got {bad[0]!r}: {bad[1]!r}")
-    return out
+def _make_private_dir(directory: Path) -> None:
+    """Create `directory` (and missing parents) as 0700, or chmod an existing one to 0700."""
+    with private_umask():
+        directory.mkdir(parents=True, exist_ok=True)
+    try:
+        if (directory.stat().st_mode & 0o777) != DIR_MODE:
+            os.chmod(directory, DIR_MODE)
+    except OSError as exc:
+        raise GalleryError(f"cannot make gallery folder {directory} private (chmod 700): {exc}") from exc

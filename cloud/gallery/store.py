@@ -7,15 +7,49 @@ power cut but never corrupts the file - the right trade for enrollments that can
 
 Not thread-safe by itself: the connection is opened with `check_same_thread=False` so that a
 gRPC thread pool can use it, and `Gallery` serialises every call with its lock.
+
+Privacy (face templates are biometric data, GDPR art. 9)
+--------------------------------------------------------
+Files are private to the server's user. The database file and its `-wal` and `-shm` companions
+are created under umask 077 (mode 0600; SQLite gives the companions the database file's mode)
+and existing ones are chmod-ed to 0600 on open; `Gallery` makes its folder 0700.
+
+An erasure (RemoveIdentity) leaves nothing of the person readable in any gallery file:
+
+* One transaction deletes the identity row (name, metadata) and, by cascade, every template of
+  it: each gallery model's, and each template derived for a query model.
+* The connection runs with `PRAGMA secure_delete=ON`, so SQLite overwrites deleted content with
+  zeros: the freed space inside table and index pages (the name is also a key of the UNIQUE
+  index) and whole pages that go to the freelist, overflow pages of long vectors included.
+  It is set explicitly because SQLite's default depends on how it was compiled.
+* In WAL mode those zeroed pages are first appended to the `-wal` file, while older frames there
+  (written when the person was enrolled) still hold the vectors and the name, and the database
+  file still holds the old pages. So right after the erasure commits, the store runs
+  `PRAGMA wal_checkpoint(TRUNCATE)`: every frame is copied into the database file, overwriting
+  the old pages with the zeroed ones, and the WAL is truncated to zero bytes. The `-shm` file
+  holds only page numbers and checksums, never content.
+* `PRAGMA temp_store=MEMORY` keeps the sorts and temporary tables of queries over templates in
+  memory instead of temporary files.
+
+A checkpoint cannot finish while another process holds a read transaction on the file (a
+backup, say); it is then retried, after each later write and at close, and a warning says the
+WAL still holds erased data. Replacing an identity's templates (enroll with replace) scrubs the
+same way. `compact()` (VACUUM, then the same checkpoint) rewrites the whole file: run it once on
+a gallery that removed identities while secure_delete was off (older facelink versions on an
+SQLite built without SQLITE_SECURE_DELETE).
+
+What this does not reach: copies outside the gallery folder (backups, file-system snapshots),
+and blocks the file system or an SSD's wear levelling keeps after a file is truncated or
+rewritten. Keep the gallery on an encrypted volume for those.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,11 +58,28 @@ from typing import Literal
 
 import numpy as np
 
+from facelink.logsafe import printable
+
+from .errors import GalleryError, GalleryQuotaError, InvalidIdentityError, UnknownIdentityError
+from .rules import MAX_NAME_LENGTH, GalleryLimits, normalize_identity, stored_form
+
 log = logging.getLogger(__name__)
 
+__all__ = [  # the errors are re-exported: callers imported them from here before errors.py existed
+    "MAX_NAME_LENGTH", "SCHEMA_VERSION", "STATUSES", "AddResult", "GalleryError", "GalleryQuotaError",
+    "GalleryStore", "IdentityRecord", "InvalidIdentityError", "TemplateRecord", "Templates",
+    "UnknownIdentityError", "make_private", "private_umask", "validate_identity", "validate_model_id",
+]
+
+#: Mode of the database file and its -wal and -shm files: the server's user only.
+FILE_MODE = 0o600
+#: How long a write waits for another process's lock on the file.
+BUSY_TIMEOUT_MS = 10_000
+#: How long the post-erasure checkpoint waits for other readers; short, as it holds the gallery
+#: lock, and a blocked checkpoint is retried after the next write anyway.
+SCRUB_WAIT_MS = 500
 #: Bumped whenever the schema changes; a file with a larger version is refused, not guessed at.
 SCHEMA_VERSION = 2
-MAX_NAME_LENGTH = 256
 #: What the rejection policy decided about a template; "dropped" templates are kept, never indexed.
 STATUSES = ("ok", "flagged", "dropped")
 
@@ -69,25 +120,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE templates ADD COLUMN reason TEXT",
     ),
 }
-
-
-class GalleryError(Exception):
-    """Base class of every error the gallery raises on purpose."""
-
-
-class UnknownIdentityError(GalleryError, KeyError):
-    """The identity is not enrolled."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown identity {name!r}")
-        self.identity = name
-
-    def __str__(self) -> str:  # KeyError would otherwise print the message with extra quotes
-        return str(self.args[0])
-
-
-class InvalidIdentityError(GalleryError, ValueError):
-    """The identity name is empty, longer than 256 characters or holds control characters."""
 
 
 @dataclass(frozen=True)
@@ -153,22 +185,11 @@ class AddResult:
     added: dict[str, list[int]]  # model id -> new template ids, in the order of its rows
     removed: dict[str, list[int]]  # model id -> template ids deleted by a replace
     totals: dict[str, int]  # model id -> templates the identity now holds for it
+    identity: str  # the name the identity is stored under (normalised, unless stored before that)
 
 
-def validate_identity(name: object) -> str:
-    """Return `name` if it is a usable identity name, else raise InvalidIdentityError."""
-    if not isinstance(name, str):
-        raise InvalidIdentityError(f"identity must be a string, got {type(name).__name__}")
-    if not name:
-        raise InvalidIdentityError("identity must not be empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidIdentityError(f"identity is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
-    # Cc: C0/C1 controls and DEL (newlines, escapes) that break logs and terminals; Cs: lone
-    # surrogates, which cannot be encoded as UTF-8 and so cannot be stored at all.
-    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
-    if bad is not None:
-        raise InvalidIdentityError(f"identity {name!r} contains the control character U+{ord(bad):04X}")
-    return name
+#: Kept for callers of the old name: a valid identity is now also a normalised one.
+validate_identity = normalize_identity
 
 
 def validate_model_id(model_id: object) -> str:
@@ -182,21 +203,29 @@ def now_us() -> int:
 
 
 class GalleryStore:
-    """Identities and templates in `path` (an SQLite file, created if missing)."""
+    """Identities and templates in `path` (an SQLite file, created if missing, mode 0600)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, limits: GalleryLimits | None = None) -> None:
         self.path = Path(path)
-        try:
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        except sqlite3.Error as exc:
-            raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
-        try:
-            self._conn: sqlite3.Connection | None = conn
-            self._init_schema(conn)
-        except BaseException:
-            conn.close()
-            self._conn = None
-            raise
+        self.limits = limits or GalleryLimits()
+        self._scrub_pending = False  # an erasure whose WAL frames a checkpoint has not yet cleared
+        make_private(self.path)  # existing files, before SQLite reads or appends anything
+        # Under umask 077: the file, and the -wal and -shm files SQLite creates when it opens it.
+        with private_umask():
+            try:
+                conn = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+                )
+            except sqlite3.Error as exc:
+                raise GalleryError(f"cannot open gallery database {self.path}: {exc}") from exc
+            try:
+                self._conn: sqlite3.Connection | None = conn
+                self._init_schema(conn)
+                make_private(self.path)  # whatever a file system without umask support did
+            except BaseException:
+                conn.close()
+                self._conn = None
+                raise
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -216,6 +245,7 @@ class GalleryStore:
             log.warning("gallery %s: could not enable WAL (journal_mode is %s)", self.path, mode)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite; the cascade needs it
+        _enable_erasure_pragmas(conn, self.path)
         if version < SCHEMA_VERSION:
             self._migrate()
 
@@ -232,8 +262,13 @@ class GalleryStore:
             log.info("gallery %s: schema migrated from version %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        if self._conn is None:
+            return
+        try:
+            if self._scrub_pending:
+                self.scrub()
+        finally:
+            self._conn.close()  # the last connection to close also checkpoints and deletes the WAL
             self._conn = None
 
     @property
@@ -261,6 +296,8 @@ class GalleryStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if self._scrub_pending:  # an earlier erasure's checkpoint was blocked by a reader: retry
+            self.scrub()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -285,56 +322,104 @@ class GalleryStore:
     ) -> AddResult:
         """Store `batches` (one per model) as templates of `name`, in one transaction.
 
-        Creates the identity if needed. `replace="models"` first deletes the identity's
-        templates of the batches' models, `"identity"` all of its templates; either way its
-        metadata becomes exactly `metadata`. Without `replace`, `metadata` is merged into the
-        stored one. Raises ValueError (and stores nothing) if a model already holds templates
-        of another dimension.
+        Creates the identity, under its normalised name, if no identity answers to `name`.
+        `replace="models"` first deletes the identity's templates of the batches' models,
+        `"identity"` all of its templates; either way its metadata becomes exactly `metadata`.
+        Without `replace`, `metadata` is merged into the stored one. Stores nothing and raises
+        ValueError if a model already holds templates of another dimension, GalleryQuotaError if
+        a `GalleryLimits` bound would be exceeded, InvalidIdentityError for a bad name.
         """
         created = now_us()
-        models = [batch.model_id for batch in batches]
         with self._write() as conn:
-            row = conn.execute("SELECT id, metadata FROM identities WHERE name = ?", (name,)).fetchone()
-            removed: dict[str, list[int]] = {}
-            if row is None:
-                cur = conn.execute(
-                    "INSERT INTO identities (name, created_us, metadata) VALUES (?, ?, ?)",
-                    (name, created, _dump_metadata(metadata or {})),
-                )
-                identity_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            found = _find(conn, name)
+            if found is None:
+                identity_id, stored_name = self._create_identity(conn, name, metadata, created)
+                removed: dict[str, list[int]] = {}
             else:
-                identity_id = int(row[0])
-                if replace is not None:
-                    mine = "WHERE identity_id = ?"
-                    params: tuple[object, ...] = (identity_id,)
-                    if replace == "models":
-                        mine += f" AND model_id IN ({', '.join('?' * len(models))})"
-                        params += tuple(models)
-                    for tid, model_id in conn.execute(f"SELECT id, model_id FROM templates {mine}", params):
-                        removed.setdefault(model_id, []).append(tid)
-                    conn.execute(f"DELETE FROM templates {mine}", params)
-                    merged = dict(metadata or {})
-                else:
-                    merged = {**_load_metadata(row[1]), **(metadata or {})}
-                conn.execute(
-                    "UPDATE identities SET metadata = ? WHERE id = ?", (_dump_metadata(merged), identity_id)
-                )
-            added = {}
+                identity_id, stored_name = found
+                removed = _delete_for_replace(conn, identity_id, replace, [b.model_id for b in batches])
+                self._update_metadata(conn, identity_id, stored_name, metadata, merge=replace is None)
+            # Every check before the first insert: a refused enrollment writes no vector at all.
+            self._check_pictures(conn, identity_id, stored_name, batches)
             for batch in batches:
-                # Checked after a replace's delete: the invariant is that a model's templates share
-                # one dimension, so replacing the only templates of a model may change it.
-                dim = batch.vectors.shape[1]
-                stored = self.model_dim(batch.model_id)
-                if stored is not None and stored != dim:
-                    raise ValueError(
-                        f"model {batch.model_id!r} holds {stored}-dimensional templates; "
-                        f"got {dim}-dimensional embeddings"
-                    )
-                added[batch.model_id] = _insert(conn, [identity_id] * len(batch.vectors), batch, created)
+                self._check_dim(batch)
+            added = {b.model_id: _insert(conn, [identity_id] * len(b.vectors), b, created) for b in batches}
             totals = conn.execute(
                 "SELECT model_id, COUNT(*) FROM templates WHERE identity_id = ? GROUP BY model_id", (identity_id,)
             ).fetchall()
-        return AddResult(added, removed, {model_id: int(n) for model_id, n in totals})
+        if removed:  # a replace is a request to forget the old pictures: scrubbed as an erasure is
+            self.scrub()
+        return AddResult(added, removed, {model_id: int(n) for model_id, n in totals}, stored_name)
+
+    def _create_identity(
+        self, conn: sqlite3.Connection, name: str, metadata: Mapping[str, str] | None, created: int
+    ) -> tuple[int, str]:
+        """Insert a new identity under the normalised `name`; returns its row id and stored name."""
+        canonical = normalize_identity(name)
+        # Counted in the transaction, so concurrent writers cannot both take the last place; the
+        # scan costs ~10 ms at a million identities, next to the face models an enrollment runs.
+        count = int(conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
+        if count >= self.limits.max_identities:
+            raise GalleryQuotaError(
+                f"the gallery holds {count} identities, its limit; remove one before enrolling "
+                f"'{printable(canonical)}' (limit max_identities={self.limits.max_identities})"
+            )
+        self._check_metadata_keys(canonical, len(metadata or {}))
+        cur = conn.execute(
+            "INSERT INTO identities (name, created_us, metadata) VALUES (?, ?, ?)",
+            (canonical, created, _dump_metadata(metadata or {})),
+        )
+        return int(cur.lastrowid), canonical  # type: ignore[arg-type]
+
+    def _update_metadata(
+        self, conn: sqlite3.Connection, identity_id: int, name: str, metadata: Mapping[str, str] | None,
+        *, merge: bool,
+    ) -> None:
+        new = dict(metadata or {})
+        if merge:
+            (stored,) = conn.execute("SELECT metadata FROM identities WHERE id = ?", (identity_id,)).fetchone()
+            new = {**_load_metadata(stored), **new}
+        self._check_metadata_keys(name, len(new))
+        conn.execute("UPDATE identities SET metadata = ? WHERE id = ?", (_dump_metadata(new), identity_id))
+
+    def _check_metadata_keys(self, name: str, keys: int) -> None:
+        """Bound the identity's metadata as stored, after a merge: requests cannot add up past it."""
+        if keys > self.limits.max_metadata_keys:
+            raise GalleryQuotaError(
+                f"identity '{printable(name)}' would hold {keys} metadata keys; the limit is "
+                f"{self.limits.max_metadata_keys} (enroll with replace to overwrite them instead of merging)"
+            )
+
+    def _check_pictures(
+        self, conn: sqlite3.Connection, identity_id: int, name: str, batches: Sequence[Templates]
+    ) -> None:
+        """Refuse an enrollment that would take the identity past its picture limit.
+
+        Pictures are counted as list() counts them: templates of the model holding the most.
+        """
+        held = dict(conn.execute(
+            "SELECT model_id, COUNT(*) FROM templates WHERE identity_id = ? GROUP BY model_id", (identity_id,)
+        ).fetchall())
+        after = dict(held)
+        for batch in batches:
+            after[batch.model_id] = after.get(batch.model_id, 0) + len(batch.vectors)
+        limit = self.limits.max_pictures_per_identity
+        if max(after.values(), default=0) > limit:
+            raise GalleryQuotaError(
+                f"identity '{printable(name)}' would hold {max(after.values())} pictures "
+                f"({max(held.values(), default=0)} stored, {max(len(b.vectors) for b in batches)} added); "
+                f"the limit is {limit} per identity (max_pictures_per_identity)"
+            )
+
+    def _check_dim(self, batch: Templates) -> None:
+        # Checked after a replace's delete: the invariant is that a model's templates share one
+        # dimension, so replacing the only templates of a model may change it.
+        dim = batch.vectors.shape[1]
+        stored = self.model_dim(batch.model_id)
+        if stored is not None and stored != dim:
+            raise ValueError(
+                f"model {batch.model_id!r} holds {stored}-dimensional templates; got {dim}-dimensional embeddings"
+            )
 
     def replace_derived(
         self,
@@ -381,17 +466,50 @@ class GalleryStore:
         return counts
 
     def remove_identity(self, name: str) -> dict[str, list[int]]:
-        """Delete `name` and all its templates; returns the removed template ids per model."""
+        """Erase `name`: its row, metadata and every template of every model (gallery models'
+        and derived query-model ones), then scrub the files (see the module docstring).
+
+        Returns the removed template ids per model. Raises UnknownIdentityError.
+        """
         with self._write() as conn:
-            row = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            found = _find(conn, name)
+            if found is None:
                 raise UnknownIdentityError(name)
+            identity_id = found[0]
             removed: dict[str, list[int]] = {}
-            rows = conn.execute("SELECT id, model_id FROM templates WHERE identity_id = ?", (row[0],))
+            rows = conn.execute("SELECT id, model_id FROM templates WHERE identity_id = ?", (identity_id,))
             for tid, model_id in rows:
                 removed.setdefault(model_id, []).append(tid)
-            conn.execute("DELETE FROM identities WHERE id = ?", (row[0],))  # templates go by cascade
+            conn.execute("DELETE FROM identities WHERE id = ?", (identity_id,))  # templates go by cascade
+        self.scrub()
         return removed
+
+    def scrub(self) -> bool:
+        """Move every WAL frame into the database file and truncate the WAL to zero bytes.
+
+        With secure_delete on, this is what leaves erased content nowhere in the files. Returns
+        False (and keeps retrying after later writes and at close) when a reader in another
+        process holds a snapshot the checkpoint may not overwrite.
+        """
+        conn = self._db()
+        conn.execute(f"PRAGMA busy_timeout = {SCRUB_WAIT_MS}")
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._scrub_pending = bool(busy)
+        if busy:
+            log.warning(
+                "gallery %s: another connection is reading, so the WAL could not be truncated; it still "
+                "holds erased data until the next checkpoint (retried after each write and at close)", self.path,
+            )
+        return not busy
+
+    def compact(self) -> bool:
+        """Rewrite the whole file (VACUUM), then scrub: clears content deleted while secure_delete
+        was off, and gives free pages back to the file system. Returns what `scrub` returns."""
+        self._db().execute("VACUUM")
+        return self.scrub()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -417,18 +535,28 @@ class GalleryStore:
     def templates_of(self, name: str) -> list[TemplateRecord]:
         """Every template of `name`, every model, dropped ones included, in the order stored."""
         with self._read() as conn:
-            row = conn.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
-            if row is None:
+            found = _find(conn, name)
+            if found is None:
                 raise UnknownIdentityError(name)
             rows = conn.execute(
                 "SELECT id, model_id, source, status, uncertainty, reason, created_us FROM templates"
                 " WHERE identity_id = ? ORDER BY id",
-                (row[0],),
+                (found[0],),
             ).fetchall()
         return [TemplateRecord(*r) for r in rows]
 
+    def resolve(self, name: str) -> str | None:
+        """The stored name of the identity `name` refers to, or None; InvalidIdentityError for a
+        name that is neither stored as is nor valid."""
+        with self._read() as conn:
+            found = _find(conn, name)
+        return None if found is None else found[1]
+
     def has_identity(self, name: str) -> bool:
-        return self._db().execute("SELECT 1 FROM identities WHERE name = ?", (name,)).fetchone() is not None
+        try:
+            return self.resolve(name) is not None
+        except InvalidIdentityError:
+            return False
 
     def count_identities(self) -> int:
         return int(self._db().execute("SELECT COUNT(*) FROM identities").fetchone()[0])
@@ -459,6 +587,75 @@ class GalleryStore:
             vector = _vector(tid, name, model, dim, blob)
             if vector is not None:
                 yield model, int(tid), name, vector
+
+
+def _find(conn: sqlite3.Connection, name: str) -> tuple[int, str] | None:
+    """(row id, stored name) of the identity `name` refers to, or None.
+
+    The exact string first: a gallery written before names were normalised may hold a name
+    that is not in normal form, and it must stay reachable by the name ListIdentities shows.
+    Then the normalised name, which raises InvalidIdentityError for a name that is neither.
+    """
+    exact = stored_form(name)
+    if exact is not None:
+        row = conn.execute("SELECT id, name FROM identities WHERE name = ?", (exact,)).fetchone()
+        if row is not None:
+            return int(row[0]), row[1]
+    canonical = normalize_identity(name)
+    if canonical == exact:
+        return None
+    row = conn.execute("SELECT id, name FROM identities WHERE name = ?", (canonical,)).fetchone()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def _delete_for_replace(
+    conn: sqlite3.Connection, identity_id: int, replace: Literal["models", "identity"] | None, models: list[str]
+) -> dict[str, list[int]]:
+    """Delete what a replace replaces (the models' templates, or all of them); returns their ids."""
+    if replace is None:
+        return {}
+    mine = "WHERE identity_id = ?"
+    params: tuple[object, ...] = (identity_id,)
+    if replace == "models":
+        mine += f" AND model_id IN ({', '.join('?' * len(models))})"
+        params += tuple(models)
+    removed: dict[str, list[int]] = {}
+    for tid, model_id in conn.execute(f"SELECT id, model_id FROM templates {mine}", params):
+        removed.setdefault(model_id, []).append(tid)
+    conn.execute(f"DELETE FROM templates {mine}", params)
+    return removed
+
+
+def _enable_erasure_pragmas(conn: sqlite3.Connection, path: Path) -> None:
+    """secure_delete and in-memory temporary storage, checked: erasure depends on them."""
+    conn.execute("PRAGMA secure_delete=ON")  # per connection; the compiled-in default varies
+    conn.execute("PRAGMA temp_store=MEMORY")
+    if conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
+        raise GalleryError(f"gallery {path}: SQLite refused PRAGMA secure_delete=ON, so erasure would leave data")
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files created inside are 0600 and folders 0700, whatever the process umask.
+
+    The umask is process-wide: a file another thread creates meanwhile is made private too,
+    which is harmless, and a gallery is opened at start-up, before the server's workers run.
+    """
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def make_private(database: Path) -> None:
+    """chmod the database file and its -wal and -shm files, where present, to 0600."""
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        try:
+            if path.exists() and (path.stat().st_mode & 0o777) != FILE_MODE:
+                os.chmod(path, FILE_MODE)
+        except OSError as exc:
+            raise GalleryError(f"cannot make gallery file {path} private (chmod 600): {exc}") from exc
 
 
 def _insert(conn: sqlite3.Connection, identity_ids: Sequence[int], batch: Templates, created: int) -> list[int]:
