@@ -50,15 +50,20 @@ def run_edge(
     pipeline: EdgePipeline | None = None,
     progress: bool = True,
 ) -> EdgeRunStats:
-    pipeline = pipeline or EdgePipeline(config)
+    """Stream every face of `source`; `on_result` gets each answer (or the client's DEADLINE_EXCEEDED
+    report for a face the server never answered, see edge/client.py) as it arrives."""
     stats = EdgeRunStats()
 
     def deliver(result: recognition_pb2.FaceResult, pending: Pending) -> None:
         face: SentFace = pending.meta
         on_result(result, face, (time.perf_counter() - face.read_at) * 1e3)
 
-    client = StreamClient(config.stream, deliver).start()
+    # The client first: a security mistake (unreadable certificate, token bound for plaintext)
+    # raises TransportSecurityError here, before the models load or the camera is read.
+    client = StreamClient(config.stream, deliver)
     try:
+        pipeline = pipeline or EdgePipeline(config)
+        client.start()
         for frame in tqdm(source, total=source.total, desc="edge", unit="frame", disable=not progress):
             stats.frames += 1
             read_at = time.perf_counter()

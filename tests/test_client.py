@@ -10,6 +10,7 @@ from facelink.config import EdgeConfig, StreamConfig
 from facelink.edge.client import StreamClient
 from facelink.edge.pipeline import EdgePipeline
 from facelink.edge.sources import Frame
+from facelink.transport import ClientSecurity
 from facelink.v1 import recognition_pb2
 
 from .support import lfw_image, needs_shared, read_rgb
@@ -62,7 +63,8 @@ def test_reconnects_after_a_server_restart_and_loses_nothing(server_factory, eng
         observations += [f.observation for f in pipeline.process(frame)]
 
     results: dict[int, recognition_pb2.FaceResult] = {}
-    config = StreamConfig(server=f"127.0.0.1:{port}", reconnect_initial_s=0.05, reconnect_max_s=0.2, max_in_flight=2)
+    config = StreamConfig(server=f"127.0.0.1:{port}", reconnect_initial_s=0.05, reconnect_max_s=0.2, max_in_flight=2,
+                          security=ClientSecurity(token=server.admin_token))  # the restart keeps the gallery's tokens
     client = StreamClient(config, lambda result, pending: results.__setitem__(result.request_id, result)).start()
     for observation in observations[:4]:
         client.submit(observation)
