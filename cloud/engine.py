@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from facelink.config import CloudConfig
-from facelink.runtime.alignment import check_landmarks
+from facelink.runtime.alignment import check_face_geometry
 from facelink.runtime.asymmetric import (
     EnsembleManifest,
     GalleryEnsemble,
@@ -195,7 +195,7 @@ class RecognitionEngine:
         """Landmarks given, validated; or the largest detected face's. Returns (landmarks, box)."""
         if landmarks is not None:
             try:
-                return check_landmarks(landmarks), None
+                return check_face_geometry(landmarks, image.shape), None
             except ValueError as error:
                 raise InvalidArgument(f"{what}: {error}") from error
         face = largest(self.detector.detect(image))
@@ -203,26 +203,48 @@ class RecognitionEngine:
             raise InvalidArgument(f"{what}: no face found ({image.shape[1]}x{image.shape[0]} image)")
         return face.landmarks, face.box
 
-    def identify_embedding(self, embedding: np.ndarray, model_id: str) -> Identification:
-        """Match an embedding of a gallery model or of an accepted query model against that
-        model's templates (a query model's are the transformed, ensembled gallery)."""
+    def accepted(self, model_id: str) -> AcceptedModel:
         model = self.models.get(model_id)
         if model is None:
             raise InvalidArgument(f"embeddings of model {model_id!r} are not accepted; accepted: {', '.join(self.models)}")
+        return model
+
+    def identify_embedding(self, embedding: np.ndarray, model_id: str) -> Identification:
+        """Match an embedding of a gallery model or of an accepted query model against that
+        model's templates (a query model's are the transformed, ensembled gallery)."""
+        model = self.accepted(model_id)
         if embedding.shape != (model.dim,):
             raise InvalidArgument(f"model {model_id!r} embeddings have {model.dim} dimensions, got {embedding.size}")
         norm = float(np.linalg.norm(embedding))
+        if not np.isfinite(norm):
+            raise InvalidArgument("embedding holds NaN or infinity")
         if norm < 1e-6:
             raise InvalidArgument("embedding is all zeros")
-        matches = self.gallery.search(model_id, (embedding / norm)[None], k=1)[0]
-        if not matches:
-            return Identification("", 0.0, Decision.UNKNOWN, model.threshold, model_id)
-        best = matches[0]
-        decision = Decision.MATCH if best.score >= model.threshold else Decision.UNKNOWN
-        return Identification(best.identity, best.score, decision, model.threshold, model_id)
+        return self.match((embedding / norm)[None], model_id)[0]
+
+    def match(self, embeddings: np.ndarray, model_id: str) -> list[Identification]:
+        """Decisions for L2-normalised (N, dim) embeddings of `model_id`, searched as one batch."""
+        model = self.models[model_id]
+        decisions = []
+        for matches in self.gallery.search(model_id, embeddings, k=1):
+            if not matches:
+                decisions.append(Identification("", 0.0, Decision.UNKNOWN, model.threshold, model_id))
+                continue
+            best = matches[0]
+            decision = Decision.MATCH if best.score >= model.threshold else Decision.UNKNOWN
+            decisions.append(Identification(best.identity, best.score, decision, model.threshold, model_id))
+        return decisions
+
+    def align(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The primary recogniser's crop of a located face (cheap: the batcher runs the model)."""
+        return self.recognizer.align(image, landmarks)
+
+    def identify_aligned(self, crops: np.ndarray) -> list[Identification]:
+        """A batch of aligned crops through the primary recogniser and the gallery."""
+        return self.match(self.recognizer.embed_aligned(crops), self.recognizer.model_id)
 
     def identify(self, image: np.ndarray, landmarks: np.ndarray) -> Identification:
-        return self.identify_embedding(self.recognizer.embed(image, landmarks), self.recognizer.model_id)
+        return self.identify_aligned(self.align(image, landmarks)[None])[0]
 
     def enroll(
         self, identity: str, faces: list[EnrollFace], *, replace: bool = False, metadata: dict[str, str] | None = None

@@ -1,15 +1,24 @@
-"""gRPC servicers: the only place that speaks facelink.v1 on the server side.
+"""gRPC servicers (grpc.aio): the only place that speaks facelink.v1 on the server side.
 
 Protos are turned into engine calls here, and engine errors into gRPC statuses. On the stream,
 a bad observation becomes a REJECTED result with an `Error` (the stream goes on); on a unary
-call it becomes the call's status.
+call it becomes the call's status. Who may call what is decided before any of this runs
+(auth.AuthInterceptor); what a caller may see of a result is decided here (`_present`).
+
+Nothing CPU-bound runs on the event loop: payloads are decoded on a bounded pool, faces are
+recognised in batches across streams (batching.Batcher), gallery changes run on their own
+thread. An idle stream costs a coroutine, not a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
@@ -19,9 +28,14 @@ from facelink.runtime.codecs import CodecError, available_codecs, decode_image
 from facelink.runtime.embeddings import unpack_embedding
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
-from .gallery import InvalidIdentityError, UnknownIdentityError
+from facelink.logsafe import printable
+
+from .audit import AuditLog
+from .auth import Principal, RateLimiter, current_principal, rate_limited
+from .batching import Batcher
 from .engine import Decision, EnrollFace, Identification, RecognitionEngine
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from .errors import DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ServiceError
+from .gallery import GalleryError, UnknownIdentityError, normalize_identity
 from .metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +45,8 @@ _DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_FLOAT16: "float
 _IMAGE_FORMATS = (common_pb2.IMAGE_FORMAT_JPEG, common_pb2.IMAGE_FORMAT_PNG, common_pb2.IMAGE_FORMAT_WEBP)
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 _DECISIONS = {Decision.MATCH: recognition_pb2.DECISION_MATCH, Decision.UNKNOWN: recognition_pb2.DECISION_UNKNOWN}
+_PAGE_TOKEN = re.compile(r"^[0-9]{1,10}$")
+_CAMERA_ID = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")  # printable ASCII, no edge spaces
 
 
 def landmarks_from_proto(message: common_pb2.Landmarks, what: str) -> np.ndarray | None:
@@ -55,49 +71,247 @@ def box_to_proto(box: np.ndarray | None) -> common_pb2.Box:
     return common_pb2.Box() if box is None else common_pb2.Box(x=box[0], y=box[1], width=box[2], height=box[3])
 
 
+def _principal() -> Principal:
+    principal = current_principal.get()
+    if principal is None:  # only reachable if a servicer is mounted without the interceptor
+        raise PermissionDenied("no principal: the server was built without its authorisation interceptor")
+    return principal
+
+
 class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
     def __init__(self, engine: RecognitionEngine, metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
-        self.limits = engine.config
+        self.config = engine.config
+        self.limits = engine.config.limits
         self.metrics = metrics or ServiceMetrics()
         # One decoder per codec id, shared by every stream (decoding keeps no state per call).
         self._codecs = available_codecs()
         self._decoders = {codec_id: info.create(info.default_quality) for codec_id, info in self._codecs.items()}
+        self._decode_pool = ThreadPoolExecutor(engine.config.batching.decode_workers, thread_name_prefix="facelink-decode")
+        self._faces = RateLimiter(self.limits.face_rate, self.limits.face_burst)
+        self._batcher: Batcher[Identification] | None = None
+        self._pending: asyncio.Semaphore | None = None
+        self.open_streams = 0
+
+    async def start(self) -> None:
+        """Bind to the running event loop (called once, by the server, before serving)."""
+        self._batcher = Batcher(self.engine.identify_aligned, self.config.batching, "recognize")
+        self._batcher.start()
+        self._pending = asyncio.Semaphore(self.limits.max_pending_faces)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the stream -------------------------------------------------------------------------
-    def Recognize(
-        self, request_iterator: Iterator[recognition_pb2.FaceObservation], context: grpc.ServicerContext
-    ) -> Iterator[recognition_pb2.FaceResult]:
-        peer = context.peer()
-        log.info("stream opened by %s", peer)
+    async def Recognize(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        principal = _principal()
+        if self.open_streams >= self.limits.max_streams:
+            raise ResourceExhausted(f"the server has {self.open_streams} streams open, its limit; retry later",
+                                    retry_after_s=5.0)
+        self.open_streams += 1
         self.metrics.streams.inc()
+        peer = context.peer()
+        log.info("stream opened by %s (%s)", printable(str(principal)), printable(peer))
+        # Results leave in the order their observations arrived; a bounded queue of futures
+        # keeps that order and stops reading when the client stops reading its answers.
+        results: asyncio.Queue[asyncio.Future[recognition_pb2.FaceResult] | None] = asyncio.Queue(
+            self.limits.max_in_flight_per_stream * 2
+        )
+        in_flight: set[asyncio.Future[recognition_pb2.FaceResult]] = set()
+        writer = asyncio.get_running_loop().create_task(self._write(results, context))
         try:
-            yield from self._answer(request_iterator)
+            await self._read(context, principal, results, in_flight, writer)
+            await results.put(None)
+            await writer
         finally:
+            writer.cancel()
+            for future in in_flight:
+                future.cancel()
+            self.open_streams -= 1
             self.metrics.streams.dec()
-            log.info("stream from %s closed", peer)
+            log.info("stream from %s closed", printable(peer))
 
-    def _answer(self, request_iterator: Iterator[recognition_pb2.FaceObservation]) -> Iterator[recognition_pb2.FaceResult]:
-        for observation in request_iterator:
-            started = time.perf_counter()
-            result = recognition_pb2.FaceResult(
-                camera_id=observation.camera_id,
-                frame_sequence=observation.frame_sequence,
-                track_id=observation.track_id,
-                face_index=observation.face_index,
-                request_id=observation.request_id,
+    async def _read(
+        self,
+        context: grpc.aio.ServicerContext,
+        principal: Principal,
+        results: asyncio.Queue,
+        in_flight: set[asyncio.Future[recognition_pb2.FaceResult]],
+        writer: asyncio.Task[None],
+    ) -> None:
+        idle = self.limits.stream_idle_timeout_s
+        while True:
+            read = asyncio.ensure_future(context.read())
+            while True:
+                done, _ = await asyncio.wait({read, writer}, timeout=idle, return_when=asyncio.FIRST_COMPLETED)
+                if read in done:
+                    break
+                if writer in done:  # the client went away (or a write failed): stop reading
+                    read.cancel()
+                    writer.result()
+                    return
+                if not in_flight:
+                    read.cancel()
+                    raise DeadlineExceeded(f"no observation for {idle:.0f} s; the stream is closed (reconnect when needed)")
+            observation = read.result()
+            if observation is grpc.aio.EOF:
+                return
+            future = self._start(observation, principal, in_flight)
+            await results.put(future)
+
+    def _start(
+        self, observation: recognition_pb2.FaceObservation, principal: Principal,
+        in_flight: set[asyncio.Future[recognition_pb2.FaceResult]],
+    ) -> asyncio.Future[recognition_pb2.FaceResult]:
+        """The future FaceResult of one observation; refusals that cost nothing are answered at once."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        refusal: ServiceError | None = None
+        if len(in_flight) >= self.limits.max_in_flight_per_stream:
+            refusal = ResourceExhausted(
+                f"more than {self.limits.max_in_flight_per_stream} faces in flight on this stream; wait for answers"
             )
+        elif wait := self._faces.take(str(principal)):
+            refusal = rate_limited(wait, "faces")
+        if refusal is not None:
+            future = loop.create_future()
+            future.set_result(self._finish(observation, None, refusal, principal, started))
+            return future
+        future = asyncio.ensure_future(self._answer(observation, principal, started))
+        in_flight.add(future)
+        future.add_done_callback(in_flight.discard)
+        return future
+
+    async def _write(self, results: asyncio.Queue, context: grpc.aio.ServicerContext) -> None:
+        while (future := await results.get()) is not None:
+            await context.write(await future)
+
+    async def _answer(
+        self, observation: recognition_pb2.FaceObservation, principal: Principal, started: float
+    ) -> recognition_pb2.FaceResult:
+        assert self._pending is not None and self._batcher is not None
+        found: Identification | None = None
+        error: ServiceError | None = None
+        async with self._pending:
             try:
-                self._fill(result, self._identify(observation))
-            except ServiceError as error:
-                self._reject(result, error.code, error.message)
+                prepared = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, self._prepare, observation, principal
+                )
+                found = prepared if isinstance(prepared, Identification) else await self._batcher.submit(prepared)
+            except ServiceError as refused:
+                error = refused
+            except asyncio.CancelledError:
+                raise
             except Exception:  # a bug must cost one face, not the stream or the server
-                log.exception("internal error on %s frame %d", observation.camera_id, observation.frame_sequence)
-                self._reject(result, grpc.StatusCode.INTERNAL, "internal error while recognising this face; see server log")
-            elapsed = time.perf_counter() - started
-            result.server_latency_us = int(elapsed * 1e6)
-            self._count(observation, result, elapsed)
-            yield result
+                log.exception("internal error on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
+                error = ServiceError("internal error while recognising this face; see server log")
+        return self._finish(observation, found, error, principal, started)
+
+    def _prepare(self, observation: recognition_pb2.FaceObservation, principal: Principal) -> np.ndarray | Identification:
+        """Worker thread: checks, decoding, landmarks -> the aligned crop (or, for an embedding
+        payload, already the decision)."""
+        camera = observation.camera_id
+        if len(camera) > self.limits.max_camera_id_length or (camera and not _CAMERA_ID.match(camera)):
+            raise InvalidArgument(f"camera_id must be 1-{self.limits.max_camera_id_length} printable ASCII characters")
+        kind = observation.WhichOneof("payload")
+        if kind is None:
+            raise InvalidArgument("observation has no payload (set one of face, embedding, image)")
+        payload = getattr(observation, kind)
+        size = len(payload.data)
+        if size > self.config.max_payload_bytes:
+            raise ResourceExhausted(f"{kind} payload is {size} bytes, the limit is {self.config.max_payload_bytes}")
+        if kind == "embedding":
+            return self._identify_embedding(payload, principal)
+        if kind == "face":
+            image = self._decode_face(payload)
+        else:
+            image = image_from_proto(payload, "image payload", self.config.max_image_side)
+        landmarks = landmarks_from_proto(observation.payload_landmarks, "payload_landmarks")
+        if landmarks is None and kind == "face":
+            raise InvalidArgument("a face payload needs payload_landmarks (5 points in the crop's coordinates)")
+        landmarks, _ = self.engine.locate_face(image, landmarks, f"{kind} payload")
+        return self.engine.align(image, landmarks)
+
+    def _decode_face(self, face: common_pb2.EncodedFace) -> np.ndarray:
+        decoder = self._decoders.get(face.codec_id)
+        if decoder is None:
+            raise InvalidArgument(
+                f"unknown codec '{printable(face.codec_id, 64)}'; this server decodes: {', '.join(sorted(self._decoders))}"
+            )
+        if face.codec_version not in decoder.versions:
+            raise InvalidArgument(
+                f"codec '{printable(face.codec_id, 64)}' version {face.codec_version} is not supported; supported: {list(decoder.versions)}"
+            )
+        try:
+            # A streamed face is a crop: its pixel budget is far below a whole picture's, and
+            # is enforced from the header before anything is allocated.
+            image = decoder.decode(face.data, max_pixels=self.limits.max_face_pixels)
+        except CodecError as error:
+            raise InvalidArgument(f"undecodable {face.codec_id} payload: {error}") from error
+        if max(image.shape[:2]) > self.config.max_image_side:
+            raise InvalidArgument(f"{face.codec_id} payload is {image.shape[1]}x{image.shape[0]}, "
+                                  f"over {self.config.max_image_side} px")
+        return image
+
+    def _identify_embedding(self, embedding: common_pb2.Embedding, principal: Principal) -> Identification:
+        model = self.engine.accepted(embedding.model_id) if embedding.model_id in self.engine.models else None
+        if model is None:
+            raise InvalidArgument(
+                f"embeddings of model '{printable(embedding.model_id, 64)}' are not accepted; "
+                f"accepted: {', '.join(self.engine.models)}"
+            )
+        # A gallery model's own space is where stored templates live: open to it, exact scores
+        # reconstruct a template. Devices send query-model embeddings.
+        if model.role == "recognizer" and not principal.has("embeddings"):
+            raise PermissionDenied(
+                f"{principal} lacks the scope 'embeddings' needed to send {model.model_id} embeddings; "
+                f"send a query model's ({', '.join(self.engine.query_models) or 'none served'}) or a coded face"
+            )
+        dtype = _DTYPES.get(embedding.dtype)
+        if dtype is None:
+            raise InvalidArgument(f"embedding dtype {embedding.dtype} is not one of float32, float16, int8")
+        try:
+            vector = unpack_embedding(embedding.data, dtype, embedding.dim, embedding.scale)
+        except ValueError as error:
+            raise InvalidArgument(f"embedding: {error}") from error
+        return self.engine.identify_embedding(vector, model.model_id)
+
+    def _finish(
+        self, observation: recognition_pb2.FaceObservation, found: Identification | None, error: ServiceError | None,
+        principal: Principal, started: float,
+    ) -> recognition_pb2.FaceResult:
+        result = recognition_pb2.FaceResult(
+            camera_id=observation.camera_id[: self.limits.max_camera_id_length],
+            frame_sequence=observation.frame_sequence,
+            track_id=observation.track_id,
+            face_index=observation.face_index,
+            request_id=observation.request_id,
+        )
+        if error is not None:
+            result.decision = recognition_pb2.DECISION_REJECTED
+            result.error.code = error.code.value[0]
+            result.error.message = error.message
+        elif found is not None:
+            self._present(result, found, principal)
+        elapsed = time.perf_counter() - started
+        result.server_latency_us = min(int(elapsed * 1e6), 2**32 - 1)
+        self._count(observation, result, elapsed)
+        return result
+
+    def _present(self, result: recognition_pb2.FaceResult, found: Identification, principal: Principal) -> None:
+        """What the caller may see. A device learns the decision: MATCH with its identity and a
+        rounded score, UNKNOWN with neither (the nearest name of a stranger is nobody's business).
+        The `scores` scope (evaluation, benchmarks) sees exact scores and the nearest identity."""
+        result.decision = _DECISIONS[found.decision]
+        result.threshold = found.threshold
+        result.model_id = found.model_id
+        if principal.has("scores"):
+            result.identity, result.score = found.identity, found.score
+        elif found.decision is Decision.MATCH:
+            step = self.config.security.score_step
+            result.identity, result.score = found.identity, round(found.score / step) * step
 
     def _count(self, observation: recognition_pb2.FaceObservation, result: recognition_pb2.FaceResult, elapsed: float) -> None:
         kind = observation.WhichOneof("payload") or "none"
@@ -109,71 +323,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         if result.HasField("error"):
             self.metrics.errors.labels(_CODE_NAMES.get(result.error.code, str(result.error.code))).inc()
 
-    def _identify(self, observation: recognition_pb2.FaceObservation) -> Identification:
-        kind = observation.WhichOneof("payload")
-        if kind is None:
-            raise InvalidArgument("observation has no payload (set one of face, embedding, image)")
-        payload = getattr(observation, kind)
-        size = len(payload.data)
-        if size > self.limits.max_payload_bytes:
-            raise ResourceExhausted(f"{kind} payload is {size} bytes, the limit is {self.limits.max_payload_bytes}")
-        if kind == "embedding":
-            return self._identify_embedding(payload)
-        if kind == "face":
-            image = self._decode_face(payload)
-        else:
-            image = image_from_proto(payload, "image payload", self.limits.max_image_side)
-        landmarks = landmarks_from_proto(observation.payload_landmarks, "payload_landmarks")
-        if landmarks is None and kind == "face":
-            raise InvalidArgument("a face payload needs payload_landmarks (5 points in the crop's coordinates)")
-        landmarks, _ = self.engine.locate_face(image, landmarks, f"{kind} payload")
-        return self.engine.identify(image, landmarks)
-
-    def _decode_face(self, face: common_pb2.EncodedFace) -> np.ndarray:
-        decoder = self._decoders.get(face.codec_id)
-        if decoder is None:
-            raise InvalidArgument(f"unknown codec {face.codec_id!r}; this server decodes: {', '.join(sorted(self._decoders))}")
-        if face.codec_version not in decoder.versions:
-            raise InvalidArgument(
-                f"codec {face.codec_id!r} version {face.codec_version} is not supported; supported: {list(decoder.versions)}"
-            )
-        try:
-            image = decoder.decode(face.data)
-        except CodecError as error:
-            raise InvalidArgument(f"undecodable {face.codec_id} payload: {error}") from error
-        self._check_side(image, f"{face.codec_id} payload")
-        return image
-
-    def _check_side(self, image: np.ndarray, what: str) -> None:
-        if max(image.shape[:2]) > self.limits.max_image_side:
-            raise InvalidArgument(f"{what} is {image.shape[1]}x{image.shape[0]}, over {self.limits.max_image_side} px")
-
-    def _identify_embedding(self, embedding: common_pb2.Embedding) -> Identification:
-        dtype = _DTYPES.get(embedding.dtype)
-        if dtype is None:
-            raise InvalidArgument(f"embedding dtype {embedding.dtype} is not one of float32, float16, int8")
-        try:
-            vector = unpack_embedding(embedding.data, dtype, embedding.dim, embedding.scale)
-        except ValueError as error:
-            raise InvalidArgument(f"embedding: {error}") from error
-        return self.engine.identify_embedding(vector, embedding.model_id)
-
-    @staticmethod
-    def _fill(result: recognition_pb2.FaceResult, found: Identification) -> None:
-        result.decision = _DECISIONS[found.decision]
-        result.identity = found.identity
-        result.score = found.score
-        result.threshold = found.threshold
-        result.model_id = found.model_id
-
-    @staticmethod
-    def _reject(result: recognition_pb2.FaceResult, code: grpc.StatusCode, message: str) -> None:
-        result.decision = recognition_pb2.DECISION_REJECTED
-        result.error.code = code.value[0]
-        result.error.message = message
-
     # -- capabilities -------------------------------------------------------------------------
-    def GetCapabilities(self, request, context) -> recognition_pb2.Capabilities:  # noqa: ANN001
+    async def GetCapabilities(self, request, context) -> recognition_pb2.Capabilities:  # noqa: ANN001
         return recognition_pb2.Capabilities(
             api_version=API_VERSION,
             server_version=facelink.__version__,
@@ -189,10 +340,10 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
                 for model in self.engine.models.values()
             ],
             limits=recognition_pb2.Limits(
-                max_message_bytes=self.limits.max_message_bytes,
-                max_payload_bytes=self.limits.max_payload_bytes,
-                max_images_per_enroll=self.limits.max_images_per_enroll,
-                max_image_side=self.limits.max_image_side,
+                max_message_bytes=self.config.max_message_bytes,
+                max_payload_bytes=self.config.max_payload_bytes,
+                max_images_per_enroll=self.config.max_images_per_enroll,
+                max_image_side=self.config.max_image_side,
             ),
             match_threshold=self.engine.threshold,
             image_formats=list(_IMAGE_FORMATS),
@@ -200,18 +351,52 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
 
 
 class GalleryService(gallery_pb2_grpc.GalleryServicer):
-    def __init__(self, engine: RecognitionEngine) -> None:
-        self.engine = engine
+    """Gallery changes, each recorded in the audit log with who asked, from where, and how it went."""
 
-    def Enroll(self, request: gallery_pb2.EnrollRequest, context: grpc.ServicerContext) -> gallery_pb2.EnrollResponse:
-        limits = self.engine.config
+    def __init__(self, engine: RecognitionEngine, audit: AuditLog) -> None:
+        self.engine = engine
+        self.audit = audit
+        # One writer thread: SQLite serialises writes anyway, and the loop must stay free.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="facelink-gallery")
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def _run(self, context: grpc.aio.ServicerContext, call: str, identity: str | None,
+                   work: Callable[[], Any], counts: Callable[[Any], dict[str, int]] | None = None) -> Any:
+        """`work` on the gallery thread, recorded in the audit log whatever its outcome."""
+        principal = _principal()
         try:
-            if not request.images:
-                raise InvalidArgument("enroll needs at least one image")
-            if len(request.images) > limits.max_images_per_enroll:
-                raise ResourceExhausted(
-                    f"{len(request.images)} images in one call, the limit is {limits.max_images_per_enroll}"
-                )
+            value = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        except ServiceError as error:
+            await self._record(principal, context, call, identity, f"refused {error.code.name}", None, error.message)
+            raise
+        except GalleryError as error:  # bounds, names and quotas the gallery itself enforces
+            refused = _gallery_error(error)
+            await self._record(principal, context, call, identity, f"refused {refused.code.name}", None, refused.message)
+            raise refused from error
+        except Exception:
+            await self._record(principal, context, call, identity, "failed INTERNAL", None, None)
+            raise
+        await self._record(principal, context, call, identity, "ok", counts(value) if counts else None, None)
+        return value
+
+    async def _record(self, principal: Principal, context: grpc.aio.ServicerContext, call: str, identity: str | None,
+                      outcome: str, counts: dict[str, int] | None, detail: str | None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: self.audit.record(principal=str(principal), peer=context.peer(), call=call, identity=identity,
+                                      outcome=outcome, counts=counts, detail=detail),
+        )
+
+    async def Enroll(self, request: gallery_pb2.EnrollRequest, context: grpc.aio.ServicerContext) -> gallery_pb2.EnrollResponse:
+        limits = self.engine.config
+        if not request.images:
+            raise InvalidArgument("enroll needs at least one image")
+        if len(request.images) > limits.max_images_per_enroll:
+            raise ResourceExhausted(f"{len(request.images)} images in one call, the limit is {limits.max_images_per_enroll}")
+
+        def enroll() -> tuple[int, int, list[np.ndarray | None]]:
             faces = [
                 EnrollFace(
                     image_from_proto(item.image, f"image {i}", limits.max_image_side),
@@ -219,35 +404,37 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
                 )
                 for i, item in enumerate(request.images)
             ]
-            added, total, boxes = self.engine.enroll(
-                request.identity, faces, replace=request.replace, metadata=dict(request.metadata)
-            )
-        except InvalidIdentityError as error:
-            _abort(context, InvalidArgument(str(error)))
-        except ServiceError as error:
-            _abort(context, error)
+            return self.engine.enroll(request.identity, faces, replace=request.replace, metadata=dict(request.metadata))
+
+        call = "Enroll(replace)" if request.replace else "Enroll"
+        added, total, boxes = await self._run(
+            context, call, request.identity, enroll, lambda v: {"pictures": len(request.images), "added": v[0], "total": v[1]}
+        )
         return gallery_pb2.EnrollResponse(
-            identity=request.identity, templates_added=added, templates_total=total, faces=[box_to_proto(b) for b in boxes]
+            identity=normalize_identity(request.identity), templates_added=added,
+            templates_total=total, faces=[box_to_proto(b) for b in boxes],
         )
 
-    def RemoveIdentity(self, request, context) -> gallery_pb2.RemoveIdentityResponse:  # noqa: ANN001
-        try:
-            removed = self.engine.gallery.remove(request.identity)
-        except UnknownIdentityError:
-            _abort(context, NotFound(f"unknown identity {request.identity!r}"))
+    async def RemoveIdentity(self, request, context) -> gallery_pb2.RemoveIdentityResponse:  # noqa: ANN001
+        def remove() -> int:
+            try:
+                return self.engine.gallery.remove(request.identity)
+            except UnknownIdentityError:
+                raise NotFound(f"unknown identity '{printable(request.identity, 64)}'") from None
+
+        removed = await self._run(context, "RemoveIdentity", request.identity, remove, lambda n: {"templates": n})
         return gallery_pb2.RemoveIdentityResponse(identity=request.identity, templates_removed=removed)
 
-    def ListIdentities(self, request, context) -> gallery_pb2.ListIdentitiesResponse:  # noqa: ANN001
+    async def ListIdentities(self, request, context) -> gallery_pb2.ListIdentitiesResponse:  # noqa: ANN001
         page_size = request.page_size or 100
         if page_size > 1000:
-            _abort(context, InvalidArgument(f"page_size {page_size} is over 1000"))
-        try:
-            offset = int(request.page_token or 0)
-            if offset < 0:
-                raise ValueError
-        except ValueError:
-            _abort(context, InvalidArgument(f"page_token {request.page_token!r} was not issued by this server"))
-        records, total = self.engine.gallery.list(offset, page_size)
+            raise InvalidArgument(f"page_size {page_size} is over 1000")
+        if request.page_token and not _PAGE_TOKEN.match(request.page_token):
+            raise InvalidArgument("page_token was not issued by this server")
+        offset = int(request.page_token or 0)
+        records, total = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.engine.gallery.list, offset, page_size
+        )
         next_offset = offset + len(records)
         return gallery_pb2.ListIdentitiesResponse(
             identities=[
@@ -261,6 +448,11 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         )
 
 
-def _abort(context: grpc.ServicerContext, error: ServiceError) -> None:
-    log.info("refused: %s %s", error.code.name, error.message)
-    context.abort(error.code, error.message)
+def _gallery_error(error: GalleryError) -> ServiceError:
+    from .gallery import GalleryQuotaError, InvalidIdentityError
+
+    if isinstance(error, GalleryQuotaError):
+        return ResourceExhausted(str(error))
+    if isinstance(error, (InvalidIdentityError, ValueError)):
+        return InvalidArgument(str(error))
+    return InvalidArgument(str(error))

@@ -3,6 +3,8 @@
     facelink demo                              end-to-end on LFW: server + edge on loopback
     facelink cloud serve --gallery DIR         run the gRPC service
     facelink cloud enroll NAME PICTURE...      add a person to a running server's gallery
+    facelink cloud token create NAME --scope S  a credential for a device, a person or a service
+    facelink certs ca|server|device            a development PKI for TLS and mutual TLS
     facelink edge --source SRC --server ADDR   stream faces from a camera, video, RTSP or folder
     facelink export MODEL --format onnx|engine|triton [--half | --int8]
                                                export a bundled model for deployment
@@ -19,6 +21,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+
+from .cli_certs import add_certs_parser
+from .cli_cloud import add_cloud_parser
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -87,198 +92,17 @@ examples:
     p.set_defaults(func=_demo)
 
 
-# -- cloud --------------------------------------------------------------------------------------
-def _cloud_serve(args: argparse.Namespace) -> int:
-    from .config import CloudConfig
-    from facelink.cloud.server import serve
-
-    # Repeatable options left out keep CloudConfig's defaults (auto); `--ensemble none` accepts none.
-    chosen = {"gallery_models": args.gallery_model, "ensembles": args.ensemble}
-    models = {key: () if value == ["none"] else tuple(value) for key, value in chosen.items() if value}
-    config = CloudConfig(
-        host=args.host,
-        port=args.port,
-        gallery_dir=args.gallery,
-        recognizer=args.recognizer,
-        match_threshold=args.threshold,
-        rejection_fraction=args.reject_fraction,
-        rejection_action=args.reject_action,
-        workers=args.workers,
-        metrics_port=args.metrics_port,
-        **models,
-    )
-    serve(config)
-    return 0
-
-
-def _channel(address: str):  # noqa: ANN202
-    import grpc
-
-    return grpc.insecure_channel(address)
-
-
-def _rpc(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-    """Run a unary call; a failed one prints its status and message instead of a traceback."""
-    import grpc
-
-    try:
-        return call(*args, timeout=60, **kwargs)
-    except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def _cloud_enroll(args: argparse.Namespace) -> int:
-    from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
-
-    formats = {".jpg": common_pb2.IMAGE_FORMAT_JPEG, ".jpeg": common_pb2.IMAGE_FORMAT_JPEG,
-               ".png": common_pb2.IMAGE_FORMAT_PNG, ".webp": common_pb2.IMAGE_FORMAT_WEBP}
-    images = []
-    for picture in args.pictures:
-        fmt = formats.get(picture.suffix.lower())
-        if fmt is None:
-            print(f"error: {picture}: not a JPEG, PNG or WebP file", file=sys.stderr)
-            return 2
-        try:
-            data = picture.read_bytes()
-        except OSError as error:
-            print(f"error: cannot read {picture}: {error.strerror}", file=sys.stderr)
-            return 2
-        images.append(gallery_pb2.EnrollImage(image=common_pb2.Image(format=fmt, data=data)))
-    with _channel(args.server) as channel:
-        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).Enroll,
-                     gallery_pb2.EnrollRequest(identity=args.identity, images=images, replace=args.replace))
-    print(f"enrolled {reply.identity!r}: {reply.templates_added} template(s) added, {reply.templates_total} in total")
-    return 0
-
-
-def _cloud_remove(args: argparse.Namespace) -> int:
-    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
-
-    with _channel(args.server) as channel:
-        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).RemoveIdentity, gallery_pb2.RemoveIdentityRequest(identity=args.identity))
-    print(f"removed {reply.identity!r} ({reply.templates_removed} templates)")
-    return 0
-
-
-def _cloud_list(args: argparse.Namespace) -> int:
-    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
-
-    token = ""
-    with _channel(args.server) as channel:
-        stub = gallery_pb2_grpc.GalleryStub(channel)
-        while True:
-            page = _rpc(stub.ListIdentities, gallery_pb2.ListIdentitiesRequest(page_size=500, page_token=token))
-            for identity in page.identities:
-                print(f"{identity.identity}\t{identity.templates} template(s)")
-            token = page.next_page_token
-            if not token:
-                break
-    print(f"{page.total} identities", file=sys.stderr)
-    return 0
-
-
-def _cloud_capabilities(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
-    from facelink.v1 import recognition_pb2, recognition_pb2_grpc
-
-    with _channel(args.server) as channel:
-        reply = _rpc(recognition_pb2_grpc.RecognitionStub(channel).GetCapabilities, recognition_pb2.GetCapabilitiesRequest())
-    print(json_format.MessageToJson(reply))
-    return 0
-
-
-def _add_cloud(sub: argparse._SubParsersAction) -> None:
-    cloud = sub.add_parser(
-        "cloud",
-        help="run the gRPC service, manage its gallery",
-        formatter_class=_FORMATTER,
-        description="The cloud side: decode faces, recognise them, match against the gallery.",
-        epilog="""\
-examples:
-  facelink cloud serve --gallery ./gallery --port 50051
-  facelink cloud enroll Ada ada1.jpg ada2.jpg --server localhost:50051
-  facelink cloud list --server localhost:50051
-  facelink cloud remove Ada --server localhost:50051
-  facelink cloud capabilities --server localhost:50051""",
-    )
-    cmds = cloud.add_subparsers(dest="cloud_command", required=True, metavar="{serve,enroll,remove,list,capabilities}")
-
-    serve = cmds.add_parser(
-        "serve",
-        help="run the service until Ctrl-C",
-        formatter_class=_FORMATTER,
-        description="""\
-Serve facelink.v1 Recognition and Gallery, the standard gRPC health service and server
-reflection (so `grpcurl -plaintext HOST:PORT list` works). The gallery is a SQLite database
-in WAL mode under --gallery; the search index is rebuilt from it at start.
-
-Enrollment runs every gallery model on each picture and stores each embedding. Devices may
-send embeddings of a gallery model or of an accepted query model (asymmetric matching): a
-query model is matched against a gallery derived from the stored embeddings by its ensemble's
-transforms, re-derived at every start without re-reading a picture. The ensemble's
-disagreement on a picture is its uncertainty; the most uncertain pictures are flagged or
-dropped (kept on record with the reason, never matched by the query model).""",
-        epilog="""\
-examples:
-  facelink cloud serve --gallery ./gallery
-  facelink cloud serve --gallery-model auto --gallery-model arcface-r50.json   # one more gallery model
-  facelink cloud serve --ensemble facelink-query-v9 --reject-fraction 0.05 --reject-action drop
-  facelink cloud serve --ensemble none                                         # no query models""",
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
-    serve.add_argument("--gallery", type=Path, default=Path("gallery"), help="gallery folder (default ./gallery)")
-    serve.add_argument("--recognizer", default="auto",
-                       help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
-    serve.add_argument("--threshold", type=float, help="cosine match threshold of --recognizer (default: the manifest's)")
-    serve.add_argument("--gallery-model", action="append", metavar="MANIFEST",
-                       help="a recogniser whose embeddings enrollment stores besides --recognizer; repeatable "
-                            "(default auto: dlib-resnet-onnx when its weights are in the cache)")
-    serve.add_argument("--ensemble", action="append", metavar="MANIFEST",
-                       help="an ensemble manifest (bundled name or path) whose query model's embeddings are accepted; "
-                            "repeatable; none for no query models (default auto: every bundled ensemble whose "
-                            "gallery models are all served)")
-    serve.add_argument("--reject-fraction", type=float, default=0.1,
-                       help="the most uncertain fraction of gallery pictures to flag or drop; the ensemble must be "
-                            "calibrated for it; 0 for none (default 0.1)")
-    serve.add_argument("--reject-action", choices=("flag", "drop"), default="flag",
-                       help="flag: keep matching, record why; drop: never match by the query model, record why (default flag)")
-    serve.add_argument("--workers", type=int, default=4, help="gRPC worker threads = concurrent streams (default 4)")
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    _add_common(serve)
-    serve.set_defaults(func=_cloud_serve)
-
-    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = cmds.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
-        _add_common(p)
-        return p
-
-    enroll = client_parser("enroll", "enroll a person from pictures (the server detects the face in each)")
-    enroll.add_argument("identity", help="the person's name")
-    enroll.add_argument("pictures", nargs="+", type=Path, help="JPEG, PNG or WebP pictures")
-    enroll.add_argument("--replace", action="store_true", help="replace the person's templates instead of adding")
-    enroll.set_defaults(func=_cloud_enroll)
-    remove = client_parser("remove", "remove a person and all their templates")
-    remove.add_argument("identity")
-    remove.set_defaults(func=_cloud_remove)
-    client_parser("list", "list enrolled people").set_defaults(func=_cloud_list)
-    client_parser("capabilities", "print what the server accepts (codecs, models, limits) as JSON").set_defaults(
-        func=_cloud_capabilities
-    )
-
-
 # -- edge ---------------------------------------------------------------------------------------
 def _edge(args: argparse.Namespace) -> int:
     from .config import CanonicalCrop, CropRegionCoding, DetectorConfig, EdgeConfig, StreamConfig
+    from .transport import TransportSecurityError, client_security_from_args
     from facelink.edge.run import describe, run_edge
     from facelink.edge.sources import SourceError, open_source
 
     try:
+        security = client_security_from_args(args)  # before the camera opens: a flag mistake costs nothing
         source = open_source(args.source, max_frames=args.max_frames, stride=args.stride)
-    except SourceError as error:
+    except (SourceError, TransportSecurityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     config = EdgeConfig(
@@ -295,24 +119,37 @@ def _edge(args: argparse.Namespace) -> int:
             camera_id=args.camera_id,
             queue_size=args.queue_size,
             overflow=args.overflow or ("drop_oldest" if source.live else "block"),
+            face_timeout_s=args.face_timeout,
+            security=security,
         ),
     )
     with source:
-        stats = run_edge(source, config, lambda r, f, ms: print(describe(r, f, ms), flush=True), progress=False)
+        try:
+            stats = run_edge(source, config, lambda r, f, ms: print(describe(r, f, ms), flush=True), progress=False)
+        except TransportSecurityError as error:  # an unreadable certificate, a token bound for plaintext
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     stream = stats.stream
     print(
         f"{stats.frames} frames, {stats.faces} faces sent, {stats.frames_without_face} frames without a face, "
         f"{stats.unreadable} unreadable; answered {stream.answered}, dropped {stream.dropped}, "
-        f"resent {stream.resent}, reconnects {stream.reconnects}, unanswered {stream.unanswered}",
+        f"resent {stream.resent}, reconnects {stream.reconnects}, timed out {stream.timed_out}, "
+        f"unanswered {stream.unanswered}",
         file=sys.stderr,
     )
     for error in stream.errors:
         print(f"error: {error}", file=sys.stderr)
-    return 1 if stream.errors or stream.unanswered else 0
+    return 1 if stream.errors or stream.unanswered or stream.timed_out else 0
 
 
 def _add_edge(sub: argparse._SubParsersAction) -> None:
     from .config import EdgeConfig
+    from .transport import add_client_security_arguments
+
+    def seconds(text: str) -> float:  # argparse names the type in its message: "invalid seconds value"
+        if (value := float(text)) <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+        return value
 
     defaults = EdgeConfig()
     p = sub.add_parser(
@@ -327,7 +164,12 @@ landmarks over one bidirectional gRPC call. Results are printed as they arrive.
 
 The link keeps a bounded queue: with a live source (camera, RTSP) the oldest face is dropped
 when the server falls behind; with files nothing is dropped and reading waits. If the server
-goes away, the client reconnects with exponential backoff and resends what was unanswered.""",
+goes away, the client reconnects with exponential backoff and resends what was unanswered.
+A face unanswered for --face-timeout seconds while connected means the stream is stuck: it is
+reopened and the face resent once; unanswered again, it is reported REJECTED (DEADLINE_EXCEEDED).
+
+The link is plaintext unless --tls-ca (or --tls) is given; add --tls-cert/--tls-key for mutual
+TLS, or a bearer token with --token-file or $FACELINK_TOKEN (see `facelink certs --help`).""",
         epilog="""\
 sources:
   0, 1, ...                 a camera by index
@@ -340,7 +182,10 @@ examples:
   facelink edge --source 0 --server cloud.example:50051 --camera-id door-1
   facelink edge --source ../shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart --server localhost:50051
   facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75
-  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8""",
+  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8
+  facelink edge --source 0 --server cloud.example:50051 --camera-id door-1 \\
+      --tls-ca pki/ca.crt --tls-cert pki/door-1.crt --tls-key pki/door-1.key   # mutual TLS
+  facelink edge --source 0 --server cloud.example:50051 --tls-ca pki/ca.crt --token-file door-1.token""",
     )
     p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or picture folder")
     p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
@@ -368,6 +213,10 @@ examples:
     p.add_argument("--queue-size", type=int, default=256, help="faces buffered while the link is busy (default 256)")
     p.add_argument("--overflow", choices=["block", "drop_oldest"],
                    help="when the buffer is full (default: drop_oldest for live sources, block for files)")
+    p.add_argument("--face-timeout", type=seconds, default=defaults.stream.face_timeout_s, metavar="SECONDS",
+                   help="how long a sent face may wait for its answer while connected before the stream is "
+                        f"reopened and the face resent; a second miss reports it failed (default {defaults.stream.face_timeout_s:g})")
+    add_client_security_arguments(p)
     _add_common(p)
     p.set_defaults(func=_edge)
 
@@ -540,6 +389,8 @@ BENCHMARKS = {
     "rate-accuracy": "facelink.benchmarks.rate_accuracy",
     "quantization": "facelink.benchmarks.quantization",
     "latency": "facelink.benchmarks.latency",
+    "load": "facelink.benchmarks.load",
+    "fuzz-codecs": "facelink.benchmarks.fuzz_codecs",
 }
 
 
@@ -572,6 +423,9 @@ benchmarks:
   latency        p50/p99 latency, size and peak memory per model and backend, and the
                  whole edge path per face
   asymmetric     query model vs the transformed gallery ensemble: 1:1, 1:N, cost, rejection
+  load           the service under 1-256 streams of real learned-codec faces: faces/s,
+                 p50/p99, health latency, server memory, against the in-process engine
+  fuzz-codecs    mutated bitstreams (checksums recomputed) through every decoder
 
 examples:
   facelink bench verification
@@ -651,9 +505,10 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facelink", description=__doc__, formatter_class=_FORMATTER)
     parser.add_argument("--version", action="version", version=f"facelink {__import__('facelink').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,cloud,edge,export,bench,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,cloud,certs,edge,export,bench,train}")
     _add_demo(sub)
-    _add_cloud(sub)
+    add_cloud_parser(sub)
+    add_certs_parser(sub)
     _add_edge(sub)
     _add_export(sub)
     _add_bench(sub)
@@ -684,8 +539,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from facelink.runtime.codecs import CodecError
     from facelink.runtime.dlib_models import DlibUnavailableError
     from facelink.runtime.manifest import ManifestError
+    from facelink.transport import TransportSecurityError
 
-    return DatasetNotFoundError, SourceError, CodecError, DlibUnavailableError, ManifestError, ExportExtraMissing
+    # ValueError: what the credential store and the configuration say about a bad value.
+    return (DatasetNotFoundError, SourceError, CodecError, DlibUnavailableError, ManifestError, ExportExtraMissing,
+            TransportSecurityError, ValueError)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from facelink.transport import ClientSecurity  # StreamConfig.security; transport imports no config
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Environment variables read by facelink (and only these).
 ENV_SHARED = "FACELINK_SHARED"  # folder with data/ and models/ (default: ../shared beside the repo)
 ENV_DATA = "FACELINK_DATA"      # an LFW folder (default: $FACELINK_SHARED/data/lfw)
 ENV_CACHE = "FACELINK_CACHE"    # downloads and caches (default: ~/.cache/facelink)
+# FACELINK_TOKEN (facelink.transport.ENV_TOKEN): the bearer token a client sends when no --token-file is given
 #: The bundled query model: what `embedding` payloads carry by default and the benchmarks measure.
 DEFAULT_QUERY_MODEL = "facelink-query-v9"
 
@@ -119,6 +122,15 @@ class StreamConfig(_Config):
     reconnect_initial_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
+    face_timeout_s: float = Field(
+        10.0, gt=0,
+        description="how long a face on the wire may wait for its answer while the link is up; past it the stream "
+        "is taken as stuck, cancelled and the face resent once on a new stream; unanswered again, it is reported "
+        "REJECTED with DEADLINE_EXCEEDED",
+    )
+    security: ClientSecurity = Field(
+        ClientSecurity(), description="TLS, mutual TLS and bearer token of the link (facelink.transport)"
+    )
 
 
 class EdgeConfig(_Config):
@@ -156,6 +168,59 @@ class EdgeConfig(_Config):
     backend: BackendConfig = BackendConfig()
 
 
+class CloudSecurity(_Config):
+    """Transport and credentials of the service (docs/security.md has the threat model).
+
+    No anonymous access: every call but health checks needs a bearer token (`facelink cloud
+    token create`) or a client certificate signed by `client_ca`. TLS is required on any
+    address but loopback unless `insecure` says otherwise, out loud.
+    """
+
+    tls_cert: Path | None = Field(None, description="server certificate chain (PEM)")
+    tls_key: Path | None = Field(None, description="its private key (PEM)")
+    client_ca: Path | None = Field(None, description="CA of device certificates: mutual TLS, every client shows one")
+    insecure: bool = Field(False, description="allow plaintext on a non-loopback address (never in production)")
+    auth_file: Path | None = Field(None, description="tokens and certificate grants (default: GALLERY/auth.json)")
+    audit_file: Path | None = Field(None, description="append-only audit log (default: GALLERY/audit.jsonl)")
+    reflection: bool = Field(False, description="serve gRPC reflection (admin scope only)")
+    score_step: float = Field(
+        0.05, gt=0, le=1, description="principals without the `scores` scope see MATCH scores rounded to this step"
+    )
+
+
+class ServiceLimits(_Config):
+    """What one client may cost the service. Past a limit a call or face gets RESOURCE_EXHAUSTED
+    at once (with a retry delay where waiting helps), never a silent wait."""
+
+    max_streams: int = Field(512, ge=1, description="Recognize streams open at once, all clients together")
+    max_in_flight_per_stream: int = Field(
+        32, ge=1, description="faces of one stream received and not yet answered; more are answered RESOURCE_EXHAUSTED"
+    )
+    max_pending_faces: int = Field(
+        1024, ge=1, description="faces being decoded or recognised, all streams together; past it streams are read slower"
+    )
+    stream_idle_timeout_s: float = Field(600.0, gt=0, description="a stream that sends nothing for this long is closed")
+    face_rate: float = Field(200.0, ge=0, description="faces a second per principal, on average (0: no limit)")
+    face_burst: float = Field(400.0, ge=1, description="faces a principal may send at once above that rate")
+    call_rate: float = Field(20.0, ge=0, description="unary calls a second per principal (0: no limit)")
+    call_burst: float = Field(60.0, ge=1)
+    max_face_pixels: int = Field(
+        512 * 512, ge=64 * 64, description="largest decoded face payload (a streamed crop is 128x128); larger is refused"
+    )
+    max_camera_id_length: int = Field(128, ge=1)
+    max_identities: int = Field(1_000_000, ge=1, description="identities the gallery may hold")
+    max_pictures_per_identity: int = Field(1000, ge=1, description="enrollment pictures one identity may hold")
+
+
+class BatchingConfig(_Config):
+    """Faces from every stream recognised together, as Triton's dynamic batcher would."""
+
+    max_faces: int = Field(16, ge=1, description="faces per batch at most")
+    max_delay_ms: float = Field(2.0, ge=0, description="how long a face waits for others to fill its batch")
+    decode_workers: int = Field(2, ge=1, description="threads decoding payloads (a bounded pool)")
+    inference_workers: int = Field(1, ge=1, description="threads running batches through the recogniser")
+
+
 class CloudConfig(_Config):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
@@ -184,9 +249,20 @@ class CloudConfig(_Config):
     )
     detector: DetectorConfig = DetectorConfig()
     backend: BackendConfig = BackendConfig()
-    workers: int = Field(4, ge=1, description="gRPC worker threads")
+    security: CloudSecurity = CloudSecurity()
+    limits: ServiceLimits = ServiceLimits()
+    batching: BatchingConfig = BatchingConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics on this port")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint (loopback: scrape it locally)")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_payload_bytes: int = Field(256 * 1024, ge=256)
     max_images_per_enroll: int = Field(64, ge=1)
     max_image_side: int = Field(4096, ge=64)
+
+    @property
+    def auth_path(self) -> Path:
+        return self.security.auth_file or self.gallery_dir / "auth.json"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.security.audit_file or self.gallery_dir / "audit.jsonl"

@@ -113,7 +113,11 @@ def payload_label(config: EdgeConfig) -> str:
 
 
 def run_demo(options: DemoOptions) -> DemoSummary:
+    from pydantic import SecretStr
+
+    from facelink.cloud.auth import AuthStore
     from facelink.cloud.server import start_server
+    from facelink.transport import ClientSecurity, client_channel
     from facelink.edge.run import run_edge
     from facelink.edge.sources import open_source
 
@@ -126,9 +130,14 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         cloud = CloudConfig(
             port=0, gallery_dir=Path(tmp) / "gallery", recognizer=options.recognizer, match_threshold=options.threshold
         )
+        # Credentials as a deployment has them: an operator who enrolls, a camera that streams
+        # (with `scores`, so the demo can report the nearest identity of every probe).
+        store = AuthStore(cloud.auth_path)
+        operator = ClientSecurity(token=SecretStr(store.create_token("demo-operator", ["enroll"])[1]))
+        camera = ClientSecurity(token=SecretStr(store.create_token("demo-camera", ["recognize", "scores"])[1]))
         server = start_server(cloud)
         try:
-            with grpc.insecure_channel(server.address) as channel:
+            with client_channel(server.address, operator) as channel:
                 failures = enroll_all(channel, gallery)
             edge = EdgeConfig(
                 codec=options.codec,
@@ -136,7 +145,9 @@ def run_demo(options: DemoOptions) -> DemoSummary:
                 faces="central",  # LFW pictures are centred on the person they are labelled with
                 # Closed loop: at most two faces waiting and two on the wire, so the latency we
                 # report is that of a device the server keeps up with, not of a queued backlog.
-                stream=StreamConfig(server=server.address, camera_id="lfw-demo", queue_size=2, max_in_flight=2),
+                stream=StreamConfig(
+                    server=server.address, camera_id="lfw-demo", queue_size=2, max_in_flight=2, security=camera
+                ),
             )
             pictures = [path for path, _ in probes] + strangers
             source = open_source(None, image_list=pictures)

@@ -67,6 +67,54 @@ def check_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return points
 
 
+#: How far outside the picture a landmark may lie, as a fraction of the picture's longer side: a
+#: face cut by the frame edge still has its landmarks estimated a little beyond it.
+LANDMARK_MARGIN = 0.1
+#: Below this eye distance (px) there is no face to recognise (YuNet's smallest faces have ~8).
+MIN_EYE_DISTANCE = 4.0
+#: The largest root-mean-square distance (in ArcFace 112x112 template pixels, where the eyes are
+#: 35.2 px apart) between five landmarks and the template after the best similarity. YuNet's
+#: landmarks on 1,356 faces of LFW and CelebA-dev: median 3.0, 99.9th percentile 12.5, max 14.6;
+#: five random points: median 20.8. Above it the points do not have a face's shape.
+MAX_TEMPLATE_RESIDUAL = 18.0
+#: The mouth lies below the eyes: its centre's distance from the line through the eyes, in eye
+#: distances (template 1.16; YuNet on 1,574 faces of LFW and CelebA-dev: min 0.78, median 1.02).
+#: Points on one line (0) are what a similarity fit alone lets through.
+MIN_MOUTH_DEPTH = 0.4
+
+
+def check_face_geometry(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Landmarks that a client sent, checked to describe a face in this picture.
+
+    Refuses (ValueError naming the problem) points far outside the picture, eyes closer than
+    MIN_EYE_DISTANCE, and five points that no similarity brings near the face template
+    (collinear, coincident or scrambled): a template computed from them would match junk.
+    """
+    points = check_landmarks(landmarks)
+    height, width = image_shape[:2]
+    margin = LANDMARK_MARGIN * max(height, width)
+    outside = (points[:, 0] < -margin) | (points[:, 0] > width + margin) | (points[:, 1] < -margin) | (points[:, 1] > height + margin)
+    if outside.any():
+        index = int(np.flatnonzero(outside)[0])
+        x, y = points[index]
+        raise ValueError(f"landmark {index} at ({x:.1f}, {y:.1f}) lies outside the {width}x{height} picture")
+    eyes = float(np.linalg.norm(points[1] - points[0]))
+    if eyes < MIN_EYE_DISTANCE:
+        raise ValueError(f"the eyes are {eyes:.1f} px apart, under {MIN_EYE_DISTANCE:.0f} px: no face to recognise")
+    eye_line = points[1] - points[0]
+    mouth = (points[3] + points[4]) / 2 - points[0]
+    depth = abs(float(eye_line[0] * mouth[1] - eye_line[1] * mouth[0])) / eyes**2
+    if depth < MIN_MOUTH_DEPTH:
+        raise ValueError(f"the mouth is {depth:.2f} eye distances from the eye line, under {MIN_MOUTH_DEPTH}: "
+                         "the five landmarks do not have a face's shape")
+    matrix = similarity_transform(points, ARCFACE_112)
+    residual = float(np.sqrt(((transform_points(matrix, points) - ARCFACE_112) ** 2).sum(axis=1).mean()))
+    if residual > MAX_TEMPLATE_RESIDUAL:
+        raise ValueError(f"the five landmarks do not have a face's shape (off the template by {residual:.1f} px RMS, "
+                         f"at most {MAX_TEMPLATE_RESIDUAL:.0f})")
+    return points
+
+
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 2x3 similarity matrix M minimising sum |M [src;1] - dst|^2 (Umeyama, no reflection)."""
     src = np.asarray(src, dtype=np.float64)

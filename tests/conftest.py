@@ -24,16 +24,22 @@ def engine_parts():
 def server_factory(tmp_path: Path, engine_parts) -> Iterator:
     """Starts real servers on 127.0.0.1 (ephemeral ports); stops whatever is left at the end."""
     from facelink.cloud.engine import RecognitionEngine
-    from facelink.cloud.gallery import Gallery
-    from facelink.cloud.server import start_server
+    from facelink.cloud.server import open_gallery, start_server
+
+    from facelink.cloud.auth import AuthStore
 
     recognizer, detector = engine_parts
     started = []
 
     def start(gallery_dir: Path | None = None, port: int = 0, **overrides):
         config = CloudConfig(port=port, gallery_dir=gallery_dir or tmp_path / "gallery", **overrides)
-        engine = RecognitionEngine(config, Gallery.open(config.gallery_dir), recognizer, detector)
+        # Every server has credentials, as in production: an admin token that channel_to sends.
+        if config.auth_path not in ADMIN_TOKENS:  # a restart on the same gallery keeps its token
+            ADMIN_TOKENS[config.auth_path] = AuthStore(config.auth_path).create_token("test-admin", ["admin"])[1]
+        engine = RecognitionEngine(config, open_gallery(config), recognizer, detector)
         running = start_server(config, engine)
+        running.admin_token = ADMIN_TOKENS[config.auth_path]
+        TOKENS_BY_ADDRESS[running.address] = running.admin_token
         started.append(running)
         return running
 
@@ -45,12 +51,28 @@ def server_factory(tmp_path: Path, engine_parts) -> Iterator:
             pass
 
 
+#: The admin token of each test server (by auth file, and by address for channel_to).
+ADMIN_TOKENS: dict[Path, str] = {}
+TOKENS_BY_ADDRESS: dict[str, str] = {}
+
+
+def token_channel(address: str, token: str | None) -> grpc.Channel:
+    """A plaintext loopback channel that sends `token` (None: no credentials)."""
+    from pydantic import SecretStr
+
+    from facelink.transport import ClientSecurity, client_channel
+
+    return client_channel(address, ClientSecurity(token=SecretStr(token) if token else None), environ={})
+
+
 @pytest.fixture
 def channel_to():
+    """channel_to(address) sends that test server's admin token; token=... another (or None)."""
     channels = []
+    default = object()
 
-    def open_channel(address: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(address)
+    def open_channel(address: str, token: str | None | object = default) -> grpc.Channel:
+        channel = token_channel(address, TOKENS_BY_ADDRESS.get(address) if token is default else token)
         channels.append(channel)
         return channel
 

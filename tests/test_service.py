@@ -249,7 +249,9 @@ def test_gallery_survives_a_restart(server_factory, channel_to, pipeline, tmp_pa
 
 
 def test_health_reflection_and_capabilities(server_factory, channel_to) -> None:
-    channel = channel_to(server_factory().address)
+    from facelink.config import CloudSecurity
+
+    channel = channel_to(server_factory(security=CloudSecurity(reflection=True)).address)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "facelink.v1.Recognition", "facelink.v1.Gallery"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING

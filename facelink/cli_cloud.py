@@ -1,0 +1,384 @@
+"""`facelink cloud ...`: run the service, manage its credentials, its gallery and its audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+_SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, admin"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+
+# -- serve -------------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    from facelink.cloud.server import InsecureConfigError, serve
+    from facelink.config import BatchingConfig, CloudConfig, CloudSecurity, ServiceLimits
+
+    # Repeatable options left out keep CloudConfig's defaults (auto); `--ensemble none` accepts none.
+    chosen = {"gallery_models": args.gallery_model, "ensembles": args.ensemble}
+    models = {key: () if value == ["none"] else tuple(value) for key, value in chosen.items() if value}
+    config = CloudConfig(
+        host=args.host,
+        port=args.port,
+        gallery_dir=args.gallery,
+        recognizer=args.recognizer,
+        match_threshold=args.threshold,
+        rejection_fraction=args.reject_fraction,
+        rejection_action=args.reject_action,
+        metrics_port=args.metrics_port,
+        security=CloudSecurity(
+            tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure,
+            reflection=args.reflection,
+        ),
+        limits=ServiceLimits(max_streams=args.max_streams, stream_idle_timeout_s=args.idle_timeout),
+        batching=BatchingConfig(max_faces=args.batch, max_delay_ms=args.batch_delay_ms),
+        **models,
+    )
+    try:
+        serve(config)
+    except InsecureConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_serve(cmds: argparse._SubParsersAction) -> None:
+    serve = cmds.add_parser(
+        "serve",
+        help="run the service until Ctrl-C",
+        formatter_class=_FORMATTER,
+        description="""\
+Serve facelink.v1 Recognition and Gallery and the standard gRPC health service. The gallery
+is a SQLite database in WAL mode under --gallery (files 0600); the search index is rebuilt
+from it at start.
+
+Secure by default: every call but health checks needs a bearer token or a client
+certificate, and a scope (`facelink cloud token --help`). Plaintext is allowed on loopback
+only; any other address needs --tls-cert/--tls-key (or --insecure, said at start). With
+--client-ca every client must show a certificate issued by that CA (mutual TLS); a device
+certificate may stream faces (scope recognize) unless `facelink cloud token grant` gives its
+name more. Every gallery change is recorded in GALLERY/audit.jsonl (`facelink cloud audit`).
+
+Enrollment runs every gallery model on each picture and stores each embedding. Devices may
+send coded faces, or embeddings of an accepted query model (asymmetric matching): a query
+model is matched against a gallery derived from the stored embeddings by its ensemble's
+transforms, re-derived at every start without re-reading a picture. The ensemble's
+disagreement on a picture is its uncertainty; the most uncertain pictures are flagged or
+dropped (kept on record with the reason, never matched by the query model).""",
+        epilog="""\
+examples:
+  facelink cloud serve --gallery ./gallery                               # loopback, plaintext
+  facelink cloud serve --gallery ./gallery --host 0.0.0.0 \\
+      --tls-cert pki/server.crt --tls-key pki/server.key --client-ca pki/ca.crt
+  facelink cloud serve --ensemble facelink-query-v9 --reject-fraction 0.05 --reject-action drop
+  facelink cloud serve --ensemble none                                   # no query models""",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
+    serve.add_argument("--gallery", type=Path, default=Path("gallery"), help="gallery folder (default ./gallery)")
+    serve.add_argument("--recognizer", default="auto",
+                       help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
+    serve.add_argument("--threshold", type=float, help="cosine match threshold of --recognizer (default: the manifest's)")
+    serve.add_argument("--gallery-model", action="append", metavar="MANIFEST",
+                       help="a recogniser whose embeddings enrollment stores besides --recognizer; repeatable "
+                            "(default auto: dlib-resnet-onnx when its weights are in the cache)")
+    serve.add_argument("--ensemble", action="append", metavar="MANIFEST",
+                       help="an ensemble manifest (bundled name or path) whose query model's embeddings are accepted; "
+                            "repeatable; none for no query models (default auto: every bundled ensemble whose "
+                            "gallery models are all served)")
+    serve.add_argument("--reject-fraction", type=float, default=0.1,
+                       help="the most uncertain fraction of gallery pictures to flag or drop; the ensemble must be "
+                            "calibrated for it; 0 for none (default 0.1)")
+    serve.add_argument("--reject-action", choices=("flag", "drop"), default="flag",
+                       help="flag: keep matching, record why; drop: never match by the query model, record why (default flag)")
+    security = serve.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (`facelink certs server`)")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    security.add_argument("--client-ca", type=Path, metavar="PEM",
+                          help="require client certificates issued by this CA (mutual TLS; `facelink certs device`)")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow plaintext on a non-loopback address (only behind a TLS-terminating proxy)")
+    security.add_argument("--reflection", action="store_true", help="serve gRPC reflection (admin scope only)")
+    load = serve.add_argument_group("load")
+    load.add_argument("--max-streams", type=int, default=512,
+                      help="Recognize streams open at once; one more is refused RESOURCE_EXHAUSTED (default 512)")
+    load.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                      help="close a stream that sends nothing for S seconds (default 600)")
+    load.add_argument("--batch", type=int, default=16, help="faces recognised together at most (default 16)")
+    load.add_argument("--batch-delay-ms", type=float, default=2.0,
+                      help="how long a face waits for others to fill its batch (default 2 ms)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    _add_common(serve)
+    serve.set_defaults(func=_serve)
+
+
+# -- tokens ------------------------------------------------------------------------------------
+def _store(args: argparse.Namespace):  # noqa: ANN202
+    from facelink.cloud.auth import AuthStore
+
+    return AuthStore(args.auth_file or args.gallery / "auth.json")
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    record, secret = _store(args).create_token(args.name, args.scope, args.days)
+    if args.out:
+        import os
+
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        print(f"token {record.token_id} ({record.name}: {', '.join(sorted(record.scopes))}) written to {args.out}",
+              file=sys.stderr)
+    else:
+        print(secret)
+        print(f"token {record.token_id} ({record.name}: {', '.join(sorted(record.scopes))}); shown once, stored hashed",
+              file=sys.stderr)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    print("id\tname\tscopes\tcreated\texpires\trevoked")
+    for t in store.tokens():
+        print(f"{t.token_id}\t{t.name}\t{','.join(sorted(t.scopes))}\t{t.created}\t{t.expires or '-'}\t{t.revoked or '-'}")
+    for subject, scopes in store.grants().items():
+        print(f"cert\t{subject}\t{','.join(sorted(scopes))}\t-\t-\t-")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    revoked = _store(args).revoke(args.token)
+    if not revoked:
+        print(f"error: no active token with id or name {args.token!r}", file=sys.stderr)
+        return 1
+    for t in revoked:
+        print(f"revoked {t.token_id} ({t.name})")
+    return 0
+
+
+def _token_grant(args: argparse.Namespace) -> int:
+    _store(args).grant(args.subject, args.scope)
+    print(f"certificate {args.subject!r}: {', '.join(sorted(args.scope))}")
+    return 0
+
+
+def _add_token(cmds: argparse._SubParsersAction) -> None:
+    token = cmds.add_parser(
+        "token",
+        help="create, list and revoke bearer tokens; grant scopes to device certificates",
+        formatter_class=_FORMATTER,
+        description=f"""\
+Credentials of the service, kept in GALLERY/auth.json (0600) on the server's machine: tokens
+are stored as SHA-256 hashes and shown once at creation. A running server picks up changes
+within a second. Scopes: {_SCOPES_HELP}.
+A device that sends coded faces or query-model embeddings needs only `recognize`.""",
+        epilog="""\
+examples:
+  facelink cloud token create --gallery ./gallery ops --scope admin --out ops.token
+  facelink cloud token create --gallery ./gallery door-1 --scope recognize --days 365 --out door-1.token
+  facelink cloud token list --gallery ./gallery
+  facelink cloud token revoke --gallery ./gallery door-1
+  facelink cloud token grant --gallery ./gallery enroll-kiosk --scope recognize --scope enroll""",
+    )
+    sub = token.add_subparsers(dest="token_command", required=True, metavar="{create,list,revoke,grant}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--gallery", type=Path, default=Path("gallery"), help="the server's gallery folder (default ./gallery)")
+        p.add_argument("--auth-file", type=Path, help="the credentials file (default GALLERY/auth.json)")
+        _add_common(p)
+        return p
+
+    create = command("create", "create a token and print it once (or write it to --out, 0600)")
+    create.add_argument("name", help="who holds it: a device, a person, a service")
+    create.add_argument("--scope", action="append", required=True, help=f"repeatable: {_SCOPES_HELP}")
+    create.add_argument("--days", type=float, help="expires after this many days (default: never)")
+    create.add_argument("--out", type=Path, help="write the token to this file (mode 0600) instead of stdout")
+    create.set_defaults(func=_token_create)
+    command("list", "list tokens (never their secrets) and certificate grants").set_defaults(func=_token_list)
+    revoke = command("revoke", "revoke a token by id, or every token of a name")
+    revoke.add_argument("token", help="token id or name")
+    revoke.set_defaults(func=_token_revoke)
+    grant = command("grant", "scopes of a client certificate's common name (default without a grant: recognize)")
+    grant.add_argument("subject", help="the certificate's common name, e.g. the NAME of `facelink certs device NAME`")
+    grant.add_argument("--scope", action="append", required=True, help=f"repeatable: {_SCOPES_HELP}")
+    grant.set_defaults(func=_token_grant)
+
+
+# -- audit -------------------------------------------------------------------------------------
+def _audit(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from facelink.cloud.audit import read_audit, verify_audit
+
+    path = args.audit_file or args.gallery / "audit.jsonl"
+    if not path.exists():
+        print(f"error: no audit log at {path}", file=sys.stderr)
+        return 1
+    if args.verify:
+        ok, message = verify_audit(path)
+        print(message)
+        return 0 if ok else 1
+    since = datetime.fromisoformat(args.since).replace(tzinfo=timezone.utc) if args.since else None
+    for record in read_audit(path, since=since, identity=args.identity, principal=args.principal, limit=args.limit):
+        print(json.dumps(record, ensure_ascii=True))
+    return 0
+
+
+def _add_audit(cmds: argparse._SubParsersAction) -> None:
+    audit = cmds.add_parser(
+        "audit",
+        help="read or verify the audit log of gallery changes and refusals",
+        formatter_class=_FORMATTER,
+        description="""\
+The append-only record of every gallery change (enroll, replace, erase), every refused or
+unauthenticated call and its principal, peer, time and outcome, one JSON object a line.
+Each line carries the SHA-256 of the one before it: --verify finds an edited or deleted line.""",
+        epilog="""\
+examples:
+  facelink cloud audit --gallery ./gallery --since 2026-12-01
+  facelink cloud audit --gallery ./gallery --identity "Ada Lovelace"
+  facelink cloud audit --gallery ./gallery --verify""",
+    )
+    audit.add_argument("--gallery", type=Path, default=Path("gallery"), help="the server's gallery folder (default ./gallery)")
+    audit.add_argument("--audit-file", type=Path, help="the log (default GALLERY/audit.jsonl)")
+    audit.add_argument("--since", help="only records at or after this UTC date/time (ISO 8601)")
+    audit.add_argument("--identity", help="only records about this identity")
+    audit.add_argument("--principal", help="only records of this principal (e.g. token:ops)")
+    audit.add_argument("--limit", type=int, help="the last N matching records")
+    audit.add_argument("--verify", action="store_true", help="check the hash chain instead of printing")
+    _add_common(audit)
+    audit.set_defaults(func=_audit)
+
+
+# -- gallery clients ---------------------------------------------------------------------------
+def _channel(args: argparse.Namespace):  # noqa: ANN202
+    from facelink.transport import client_channel, client_security_from_args
+
+    return client_channel(args.server, client_security_from_args(args))
+
+
+def _rpc(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Run a unary call; a failed one prints its status and message instead of a traceback."""
+    import grpc
+
+    try:
+        return call(*args, timeout=60, **kwargs)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
+
+    formats = {".jpg": common_pb2.IMAGE_FORMAT_JPEG, ".jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+               ".png": common_pb2.IMAGE_FORMAT_PNG, ".webp": common_pb2.IMAGE_FORMAT_WEBP}
+    images = []
+    for picture in args.pictures:
+        fmt = formats.get(picture.suffix.lower())
+        if fmt is None:
+            print(f"error: {picture}: not a JPEG, PNG or WebP file", file=sys.stderr)
+            return 2
+        try:
+            data = picture.read_bytes()
+        except OSError as error:
+            print(f"error: cannot read {picture}: {error.strerror}", file=sys.stderr)
+            return 2
+        images.append(gallery_pb2.EnrollImage(image=common_pb2.Image(format=fmt, data=data)))
+    with _channel(args) as channel:
+        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).Enroll,
+                     gallery_pb2.EnrollRequest(identity=args.identity, images=images, replace=args.replace))
+    print(f"enrolled {reply.identity!r}: {reply.templates_added} template(s) added, {reply.templates_total} in total")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    with _channel(args) as channel:
+        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).RemoveIdentity, gallery_pb2.RemoveIdentityRequest(identity=args.identity))
+    print(f"removed {reply.identity!r} ({reply.templates_removed} templates)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    token = ""
+    with _channel(args) as channel:
+        stub = gallery_pb2_grpc.GalleryStub(channel)
+        while True:
+            page = _rpc(stub.ListIdentities, gallery_pb2.ListIdentitiesRequest(page_size=500, page_token=token))
+            for identity in page.identities:
+                print(f"{identity.identity}\t{identity.templates} template(s)")
+            token = page.next_page_token
+            if not token:
+                break
+    print(f"{page.total} identities", file=sys.stderr)
+    return 0
+
+
+def _capabilities(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from facelink.v1 import recognition_pb2, recognition_pb2_grpc
+
+    with _channel(args) as channel:
+        reply = _rpc(recognition_pb2_grpc.RecognitionStub(channel).GetCapabilities, recognition_pb2.GetCapabilitiesRequest())
+    print(json_format.MessageToJson(reply))
+    return 0
+
+
+def _add_clients(cmds: argparse._SubParsersAction) -> None:
+    from facelink.transport import add_client_security_arguments
+
+    def client_parser(name: str, help_text: str, scope: str) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, help=help_text, description=f"{help_text} (needs the scope '{scope}')")
+        p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
+        add_client_security_arguments(p)
+        _add_common(p)
+        return p
+
+    enroll = client_parser("enroll", "enroll a person from pictures (the server detects the face in each)", "enroll")
+    enroll.add_argument("identity", help="the person's name")
+    enroll.add_argument("pictures", nargs="+", type=Path, help="JPEG, PNG or WebP pictures")
+    enroll.add_argument("--replace", action="store_true", help="replace the person's templates instead of adding")
+    enroll.set_defaults(func=_enroll)
+    remove = client_parser("remove", "erase a person: every template, derived template and metadata", "remove")
+    remove.add_argument("identity")
+    remove.set_defaults(func=_remove)
+    client_parser("list", "list enrolled people", "read").set_defaults(func=_list)
+    client_parser("capabilities", "print what the server accepts (codecs, models, limits) as JSON", "recognize").set_defaults(
+        func=_capabilities
+    )
+
+
+def add_cloud_parser(sub: argparse._SubParsersAction) -> None:
+    cloud = sub.add_parser(
+        "cloud",
+        help="run the gRPC service, manage its credentials, gallery and audit log",
+        formatter_class=_FORMATTER,
+        description="The cloud side: decode faces, recognise them, match against the gallery.",
+        epilog="""\
+examples:
+  facelink cloud token create --gallery ./gallery ops --scope admin --out ops.token
+  facelink cloud serve --gallery ./gallery --port 50051
+  facelink cloud enroll Ada ada1.jpg ada2.jpg --server localhost:50051 --token-file ops.token
+  facelink cloud list --server localhost:50051 --token-file ops.token
+  facelink cloud remove Ada --server localhost:50051 --token-file ops.token
+  facelink cloud audit --gallery ./gallery""",
+    )
+    cmds = cloud.add_subparsers(
+        dest="cloud_command", required=True, metavar="{serve,token,audit,enroll,remove,list,capabilities}"
+    )
+    _add_serve(cmds)
+    _add_token(cmds)
+    _add_audit(cmds)
+    _add_clients(cmds)
