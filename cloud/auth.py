@@ -322,10 +322,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """The one place where every call is authenticated, authorised, rate-limited and where any
     failure becomes a typed status. Servicers read the caller from `current_principal`."""
 
-    def __init__(self, authenticator: Authenticator, calls: RateLimiter, on_denied: Callable[[str, str, str], None] | None = None) -> None:
+    def __init__(
+        self, authenticator: Authenticator, calls: RateLimiter, on_denied: Callable[[str, str, str, str], None] | None = None
+    ) -> None:
         self.authenticator = authenticator
         self.calls = calls
-        self.on_denied = on_denied  # (method, peer, reason) -> None: the audit log of refusals
+        self.on_denied = on_denied  # (principal or "-", method, peer, reason) -> None: the audit log of refusals
 
     async def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201 - grpc's signature
         handler = await continuation(details)
@@ -337,6 +339,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _guard(self, method: str, scope: str | None) -> Callable[[grpc.aio.ServicerContext], Principal]:
         def check(context: grpc.aio.ServicerContext) -> Principal:
+            principal: Principal | None = None
             try:
                 principal = self.authenticator.principal(context)
                 if scope is None:
@@ -349,7 +352,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         raise rate_limited(wait, "calls")
             except ServiceError as error:
                 if self.on_denied is not None and not isinstance(error, ResourceExhausted):
-                    self.on_denied(method, context.peer(), error.message)
+                    self.on_denied(str(principal) if principal else "-", method, context.peer(), error.message)
                 raise
             current_principal.set(principal)
             return principal

@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from facelink.config import CloudConfig
+from facelink.logsafe import printable
 from facelink.runtime.alignment import check_face_geometry
 from facelink.runtime.asymmetric import (
     EnsembleManifest,
@@ -270,7 +271,7 @@ class RecognitionEngine:
             replace=replace,
             metadata=metadata,
         )
-        log.info("enrolled %r: %d picture(s) added, %d in total", identity, added, total)
+        log.info("enrolled %s: %d picture(s) added, %d in total", printable(identity), added, total)
         return added, total, boxes
 
 

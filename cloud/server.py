@@ -97,8 +97,8 @@ async def _build(config: CloudConfig, engine: RecognitionEngine, metrics: Servic
                     config.auth_path, config.gallery_dir)
     limits = config.limits
 
-    def denied(method: str, peer: str, reason: str) -> None:
-        audit.record(principal="-", peer=peer, call=method, identity=None, outcome="denied", detail=reason)
+    def denied(principal: str, method: str, peer: str, reason: str) -> None:
+        audit.record(principal=principal, peer=peer, call=method, identity=None, outcome="denied", detail=reason)
 
     interceptor = AuthInterceptor(Authenticator(store), RateLimiter(limits.call_rate, limits.call_burst), denied)
     options = [

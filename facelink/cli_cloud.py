@@ -272,6 +272,12 @@ def _rpc(call, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         return call(*args, timeout=60, **kwargs)
     except grpc.RpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            print("hint: is the server up, and does it speak TLS (then give --tls-ca, and --tls-cert/--tls-key "
+                  "if it asks for client certificates)?", file=sys.stderr)
+        elif error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            print("hint: give a token with --token-file or $FACELINK_TOKEN (`facelink cloud token create` on the "
+                  "server's machine), or a client certificate", file=sys.stderr)
         raise SystemExit(1) from None
 
 

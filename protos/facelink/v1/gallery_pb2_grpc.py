@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class GalleryStub:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
+    Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
+    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    audit log with the principal.
     """
 
     def __init__(self, channel):
@@ -54,6 +57,9 @@ class GalleryStub:
 
 class GalleryServicer:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
+    Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
+    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    audit log with the principal.
     """
 
     def Enroll(self, request, context):
@@ -68,7 +74,8 @@ class GalleryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveIdentity(self, request, context):
-        """Deletes an identity and all its templates. NOT_FOUND if it does not exist.
+        """Erases an identity: every template of every model, derived templates and metadata, with
+        nothing left readable in the server's files. NOT_FOUND if it does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +116,9 @@ def add_GalleryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Gallery:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
+    Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
+    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    audit log with the principal.
     """
 
     @staticmethod

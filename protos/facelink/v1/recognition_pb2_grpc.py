@@ -27,6 +27,13 @@ if _version_not_supported:
 
 class RecognitionStub:
     """Recognition: a device streams the faces it sees; the server answers each one.
+
+    Credentials (every RPC of facelink.v1; only grpc.health.v1 is open): metadata
+    `authorization: Bearer <token>`, or a client certificate on a mutual-TLS connection. A
+    missing or bad credential is UNAUTHENTICATED, a missing scope PERMISSION_DENIED; both name
+    what is missing. Scopes: Recognize and GetCapabilities need `recognize`. Past a principal's
+    rate limit a call (or a face) is RESOURCE_EXHAUSTED and trailing metadata `retry-after-ms`
+    (for a face: the error message) says when to try again.
     """
 
     def __init__(self, channel):
@@ -49,6 +56,13 @@ class RecognitionStub:
 
 class RecognitionServicer:
     """Recognition: a device streams the faces it sees; the server answers each one.
+
+    Credentials (every RPC of facelink.v1; only grpc.health.v1 is open): metadata
+    `authorization: Bearer <token>`, or a client certificate on a mutual-TLS connection. A
+    missing or bad credential is UNAUTHENTICATED, a missing scope PERMISSION_DENIED; both name
+    what is missing. Scopes: Recognize and GetCapabilities need `recognize`. Past a principal's
+    rate limit a call (or a face) is RESOURCE_EXHAUSTED and trailing metadata `retry-after-ms`
+    (for a face: the error message) says when to try again.
     """
 
     def Recognize(self, request_iterator, context):
@@ -56,7 +70,11 @@ class RecognitionServicer:
         face (several per frame when several faces are in view); the server sends exactly one
         FaceResult per FaceObservation, in the order received. A bad observation (undecodable
         payload, unknown codec, oversized payload) is answered with a FaceResult whose `error`
-        names the problem; the stream stays open. Only transport-level failures end the stream.
+        names the problem; the stream stays open. Only transport-level failures end the stream,
+        and these server limits, each with a status that names it: more open streams than the
+        server allows (RESOURCE_EXHAUSTED at once), no observation for the idle timeout
+        (DEADLINE_EXCEEDED). More faces in flight on one stream than the server allows are each
+        answered REJECTED with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +110,13 @@ def add_RecognitionServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Recognition:
     """Recognition: a device streams the faces it sees; the server answers each one.
+
+    Credentials (every RPC of facelink.v1; only grpc.health.v1 is open): metadata
+    `authorization: Bearer <token>`, or a client certificate on a mutual-TLS connection. A
+    missing or bad credential is UNAUTHENTICATED, a missing scope PERMISSION_DENIED; both name
+    what is missing. Scopes: Recognize and GetCapabilities need `recognize`. Past a principal's
+    rate limit a call (or a face) is RESOURCE_EXHAUSTED and trailing metadata `retry-after-ms`
+    (for a face: the error message) says when to try again.
     """
 
     @staticmethod
