@@ -364,8 +364,13 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
 
     async def _run(self, context: grpc.aio.ServicerContext, call: str, identity: str | None,
                    work: Callable[[], Any], counts: Callable[[Any], dict[str, int]] | None = None) -> Any:
-        """`work` on the gallery thread, recorded in the audit log whatever its outcome."""
+        """`work` on the gallery thread, recorded in the audit log whatever its outcome.
+
+        The intent is recorded first: the gallery commits before the outcome is written, and a
+        crash between the two must not leave a change that no record mentions (SIGKILL rounds,
+        `facelink bench crash-durability`)."""
         principal = _principal()
+        await self._record(principal, context, call, identity, "started", None, None)
         try:
             value = await asyncio.get_running_loop().run_in_executor(self._pool, work)
         except ServiceError as error:
@@ -432,9 +437,8 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         if request.page_token and not _PAGE_TOKEN.match(request.page_token):
             raise InvalidArgument("page_token was not issued by this server")
         offset = int(request.page_token or 0)
-        records, total = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.engine.gallery.list, offset, page_size
-        )
+        # Not on the writer thread: a listing must not wait behind an enrollment's detection.
+        records, total = await asyncio.get_running_loop().run_in_executor(None, self.engine.gallery.list, offset, page_size)
         next_offset = offset + len(records)
         return gallery_pb2.ListIdentitiesResponse(
             identities=[

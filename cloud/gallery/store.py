@@ -2,8 +2,10 @@
 
 SQLite is the source of truth; the faiss indexes are rebuilt from it on every start. It runs
 in WAL mode so readers (another process listing the gallery, a backup) never block the
-server's writes, with `synchronous=NORMAL`, which in WAL mode can lose the last commits on a
-power cut but never corrupts the file - the right trade for enrollments that can be redone.
+server's writes, with `synchronous=FULL`: a commit is on disk before the call is acknowledged,
+so a power cut never loses an enrollment or erasure that was answered OK (and that the audit
+log, fsynced per record, says happened). Enrollments are rare next to the detection and
+embedding they cost, so the fsync per commit is not what limits them.
 
 Not thread-safe by itself: the connection is opened with `check_same_thread=False` so that a
 gRPC thread pool can use it, and `Gallery` serialises every call with its lock.
@@ -243,7 +245,7 @@ class GalleryStore:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":  # e.g. file systems without shared memory
             log.warning("gallery %s: could not enable WAL (journal_mode is %s)", self.path, mode)
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite; the cascade needs it
         _enable_erasure_pragmas(conn, self.path)
         if version < SCHEMA_VERSION:
