@@ -6,6 +6,12 @@ bounds both the device's memory and the latency a burst can add. When the stream
 queue and are sent again on the next stream: delivery is at-least-once and nothing is lost
 unless the queue overflows under the `drop_oldest` policy, which is counted.
 
+What overflow drops: faces carry a track id (edge/tracks.py sends a few shots per person), and
+a track needs only one of its shots answered to be decided. So a full queue first drops a shot
+of a track that has another shot queued or on the wire (the one of lowest `quality`, the oldest
+of equals), and only when every queued face is its track's only one does it drop the oldest
+face, a whole track. `on_drop` hears of every drop (the track then stops waiting for its answer).
+
 A stream can also stay open and stop answering (a hung server, a half-dead proxy). Each face
 on the wire therefore has a deadline, `face_timeout_s`, that runs while the channel is
 connected (an unreachable server is the reconnect logic's business, not a deadline's). When a
@@ -65,6 +71,7 @@ class Pending:
     attempts: int = 0         # times sent
     deadline: float = math.inf  # perf_counter() by which the current send must be answered
     timeouts: int = 0         # sends that missed their deadline
+    quality: float = 0.0      # how good a shot of its track this is (edge/quality.py): overflow drops the worst
 
 
 @dataclass
@@ -72,6 +79,7 @@ class StreamStats:
     submitted: int = 0
     answered: int = 0
     dropped: int = 0           # overflowed the queue under drop_oldest
+    dropped_duplicates: int = 0  # of which shots of a track that had another shot queued or in flight
     resent: int = 0            # in flight when a stream broke or was found stuck, sent again
     reconnects: int = 0
     timed_out: int = 0         # missed the deadline twice: reported REJECTED / DEADLINE_EXCEEDED
@@ -80,6 +88,7 @@ class StreamStats:
 
 
 ResultCallback = Callable[[recognition_pb2.FaceResult, Pending], None]
+DropCallback = Callable[[Pending], None]
 
 
 def deadline_exceeded(result: recognition_pb2.FaceResult) -> bool:
@@ -98,9 +107,16 @@ class StreamClient:
     the client opens one to `config.server` secured by `config.security`.
     """
 
-    def __init__(self, config: StreamConfig, on_result: ResultCallback, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        config: StreamConfig,
+        on_result: ResultCallback,
+        channel: grpc.Channel | None = None,
+        on_drop: DropCallback | None = None,
+    ) -> None:
         self.config = config
         self.on_result = on_result
+        self.on_drop = on_drop
         self.stats = StreamStats()
         self._channel = channel or client_channel(config.server, config.security)
         self._owns_channel = channel is None
@@ -131,22 +147,60 @@ class StreamClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, observation: recognition_pb2.FaceObservation, meta: Any = None) -> None:
-        """Queue one face. Blocks while the queue is full (policy `block`), or drops the oldest."""
-        with self._cond:
-            if self._closing:
-                raise RuntimeError("submit() after close()")
-            while len(self._queue) + len(self._in_flight) >= self.config.queue_size:
-                if self.config.overflow == "drop_oldest" and self._queue:
-                    self._queue.popleft()
-                    self.stats.dropped += 1
-                    continue
-                self._cond.wait(0.5)
-                if self._stopped:
-                    raise RuntimeError("the stream client has stopped: " + "; ".join(self.stats.errors[-1:]))
-            self._queue.append(Pending(observation, meta, time.perf_counter()))
-            self.stats.submitted += 1
-            self._cond.notify_all()
+    def submit(self, observation: recognition_pb2.FaceObservation, meta: Any = None, *, quality: float = 0.0) -> None:
+        """Queue one face. Blocks while the queue is full (policy `block`), or drops a face: a
+        near-duplicate shot of a track first, else the oldest (module docstring)."""
+        dropped: list[Pending] = []
+        item = Pending(observation, meta, time.perf_counter(), quality=quality)
+        try:
+            with self._cond:
+                if self._closing:
+                    raise RuntimeError("submit() after close()")
+                self.stats.submitted += 1
+                while len(self._queue) + len(self._in_flight) >= self.config.queue_size:
+                    if self.config.overflow == "drop_oldest" and self._queue:
+                        victim = self._duplicate_shot(item)
+                        if victim is None:
+                            victim = self._queue.popleft()
+                        else:
+                            self.stats.dropped_duplicates += 1
+                            if victim is item:  # the new shot is its track's worst: it never queues
+                                self.stats.dropped += 1
+                                dropped.append(item)
+                                return
+                            self._queue.remove(victim)
+                        self.stats.dropped += 1
+                        dropped.append(victim)
+                        continue
+                    self._cond.wait(0.5)
+                    if self._stopped:
+                        self.stats.submitted -= 1
+                        raise RuntimeError("the stream client has stopped: " + "; ".join(self.stats.errors[-1:]))
+                self._queue.append(item)
+                self._cond.notify_all()
+        finally:
+            for item in dropped:  # outside the lock: the callback takes its own
+                self._dropped(item)
+
+    def _duplicate_shot(self, incoming: Pending) -> Pending | None:
+        """The face to drop first: the worst shot (queued, or `incoming`) of a track with another shot
+        queued, on the wire or incoming. Track id 0 means "no track": never a duplicate."""
+        def key(p: Pending) -> tuple[str, int]:
+            return p.observation.camera_id, p.observation.track_id
+
+        everyone = (*self._queue, *self._in_flight.values(), incoming)
+        counts = collections.Counter(key(p) for p in everyone if p.observation.track_id)
+        candidates = (*self._queue, incoming)  # what is on the wire cannot be taken back
+        duplicates = [p for p in candidates if p.observation.track_id and counts[key(p)] > 1]
+        return min(duplicates, key=lambda p: p.quality, default=None)  # min keeps the first (oldest) of equals
+
+    def _dropped(self, item: Pending) -> None:
+        if self.on_drop is None:
+            return
+        try:
+            self.on_drop(item)
+        except Exception:
+            log.exception("drop callback failed")
 
     def close(self, timeout: float | None = 60.0) -> StreamStats:
         """Send what is queued and wait for the answers, then disconnect; returns within about `timeout` s.

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from facelink import __version__
+from facelink.config import EventsConfig  # the edge's typed configuration owns it; re-exported here
 
 if TYPE_CHECKING:  # the stubs are only needed for TrackEvent.from_result's signature
     from facelink.v1 import recognition_pb2
@@ -998,38 +999,6 @@ class MultiSink(EventSink):
         for sink in self.sinks:
             total = total + sink.stats
         return total
-
-
-class EventsConfig(_Frozen):
-    """Where the edge sends its track events. Nothing set: no events."""
-
-    jsonl: str | None = Field(None, description='JSON lines to this file (appended), or "-" for stdout')
-    webhook_url: str | None = Field(
-        None, description="POST each event here (https://, or http:// on loopback)"
-    )
-    webhook_secret_file: Path | None = Field(None, description="file holding the webhook's HMAC secret")
-    mqtt_host: str | None = Field(None, description="MQTT broker host")
-    mqtt_port: int | None = Field(None, ge=1, le=65535, description="default 1883, or 8883 with TLS")
-    mqtt_topic_prefix: str = Field("facelink", description="topics are <prefix>/<camera>/...")
-    mqtt_username: str | None = None
-    mqtt_password_file: Path | None = Field(None, description="file holding the MQTT password")
-    mqtt_tls_ca: Path | None = Field(None, description="CA bundle of the broker's certificate; turns TLS on")
-
-    @model_validator(mode="after")
-    def _complete(self) -> EventsConfig:
-        if self.webhook_url and not self.webhook_secret_file:
-            raise ValueError(
-                "webhook_url needs webhook_secret_file: every request is signed with that secret"
-            )
-        if self.webhook_secret_file and not self.webhook_url:
-            raise ValueError("webhook_secret_file is set but webhook_url is not")
-        if self.mqtt_password_file and not self.mqtt_username:
-            raise ValueError("mqtt_password_file needs mqtt_username")
-        mqtt_options = (self.mqtt_username, self.mqtt_password_file, self.mqtt_tls_ca, self.mqtt_port)
-        if not self.mqtt_host and any(o is not None for o in mqtt_options):
-            raise ValueError("MQTT options are set but mqtt_host is not")
-        _check_prefix(self.mqtt_topic_prefix)
-        return self
 
 
 def _read_secret(path: Path, what: str) -> str:

@@ -1,8 +1,18 @@
 """Frame -> faces -> what goes on the wire: detect, track, then per face either the canonical crop
-coded by the payload codec, or the query model's embedding of the face."""
+coded by the payload codec, or the query model's embedding of the face.
+
+Two steps, because most faces are never sent (edge/tracks.py sends a few shots per track):
+:meth:`EdgePipeline.shots` detects, tracks, aligns the canonical crop and scores its quality
+(edge/quality.py), all cheap; :meth:`EdgePipeline.observe` encodes one chosen shot, the costly
+part (the learned codec's encoder, or the query model). :meth:`EdgePipeline.process` does both
+for every face, as before.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +27,11 @@ from facelink.runtime.embeddings import pack_embedding
 from facelink.runtime.recognition import Recognizer, create_recognizer
 from facelink.v1 import common_pb2, recognition_pb2
 
+from .quality import FaceQuality, face_quality
 from .sources import Frame
 from .tracking import IouTracker
+
+log = logging.getLogger(__name__)
 
 
 def landmarks_to_proto(points: np.ndarray) -> common_pb2.Landmarks:
@@ -36,6 +49,24 @@ class EdgeFace:
     observation: recognition_pb2.FaceObservation
     detection: Detection
     crop: np.ndarray  # what the payload was made from: the canonical crop, or the query model's aligned face
+
+
+@dataclass(frozen=True)
+class FaceShot:
+    """One detected, tracked face of a frame, aligned and scored but not encoded yet."""
+
+    frame: Frame
+    detection: Detection
+    track_id: int
+    face_index: int
+    crop: np.ndarray            # the canonical crop
+    crop_landmarks: np.ndarray  # the landmarks in the crop
+    quality: FaceQuality
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        x, y, w, h = (float(v) for v in self.detection.box)
+        return x, y, w, h
 
 
 def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[int, ...]) -> list[Detection]:
@@ -77,39 +108,64 @@ class EdgePipeline:
         else:
             self.codec = codec or crop_codec(config)
         self.template = canonical_template(config.crop.size, config.crop.scale)
-        self.tracker = IouTracker()
-        self._request_id = 0
+        self.tracker = IouTracker(config.tracks.iou_threshold, config.tracks.lost_frames, config.tracks.lost_s)
+        # One counter for every camera sharing this pipeline: request ids key the stream client's
+        # in-flight faces, so two cameras on one client must never reuse one.
+        self._request_ids: Iterator[int] = itertools.count(1)
+
+    def new_tracker(self) -> IouTracker:
+        """A tracker with this configuration's policy (one per camera)."""
+        policy = self.config.tracks
+        return IouTracker(policy.iou_threshold, policy.lost_frames, policy.lost_s)
+
+    def shots(self, frame: Frame, tracker: IouTracker | None = None, faces: str | None = None) -> list[FaceShot]:
+        """Detect, track (with `tracker`, default this pipeline's), align and score the faces of
+        `frame` that `faces` (default the configuration's) selects."""
+        tracker = tracker or self.tracker
+        detections = select_faces(self.detector.detect(frame.image), faces or self.config.faces, frame.image.shape)
+        boxes = np.array([d.box for d in detections], dtype=np.float32).reshape(-1, 4)
+        track_ids = tracker.update(boxes, now=frame.timestamp_us / 1e6)
+        shots = []
+        for index, (detection, track_id) in enumerate(zip(detections, track_ids)):
+            try:
+                crop, crop_landmarks = warp_face(frame.image, detection.landmarks, self.template)
+            except ValueError as error:  # NaN landmarks from a broken detection: not a face to send
+                log.debug("face %d of %s skipped: %s", index, frame.name, error)
+                continue
+            quality = face_quality(detection.landmarks, detection.score, crop, self.template)
+            shots.append(FaceShot(frame, detection, track_id, index, crop, crop_landmarks, quality))
+        return shots
+
+    def observe(self, shot: FaceShot, *, camera_id: str | None = None) -> EdgeFace:
+        """Encode one shot: the observation that goes on the wire."""
+        frame, detection = shot.frame, shot.detection
+        observation = recognition_pb2.FaceObservation(
+            camera_id=camera_id or self.config.stream.camera_id,
+            frame_sequence=frame.index,
+            capture_time_us=frame.timestamp_us,
+            track_id=shot.track_id,
+            face_index=shot.face_index,
+            box=box_to_proto(detection.box),
+            landmarks=landmarks_to_proto(detection.landmarks),
+            request_id=next(self._request_ids),
+        )
+        if self.query is not None:
+            crop = self.query.align(frame.image, detection.landmarks)
+            observation.embedding.CopyFrom(self.embed(crop))
+        else:
+            assert self.codec is not None
+            crop = shot.crop
+            observation.payload_landmarks.CopyFrom(landmarks_to_proto(shot.crop_landmarks))
+            observation.face.CopyFrom(
+                common_pb2.EncodedFace(
+                    codec_id=self.codec.codec_id, codec_version=self.codec.version, data=self.codec.encode(crop)
+                )
+            )
+        return EdgeFace(observation, detection, crop)
 
     def process(self, frame: Frame, *, camera_id: str | None = None) -> list[EdgeFace]:
-        detections = select_faces(self.detector.detect(frame.image), self.config.faces, frame.image.shape)
-        track_ids = self.tracker.update(np.array([d.box for d in detections], dtype=np.float32).reshape(-1, 4))
-        faces = []
-        for index, (detection, track_id) in enumerate(zip(detections, track_ids)):
-            self._request_id += 1
-            observation = recognition_pb2.FaceObservation(
-                camera_id=camera_id or self.config.stream.camera_id,
-                frame_sequence=frame.index,
-                capture_time_us=frame.timestamp_us,
-                track_id=track_id,
-                face_index=index,
-                box=box_to_proto(detection.box),
-                landmarks=landmarks_to_proto(detection.landmarks),
-                request_id=self._request_id,
-            )
-            if self.query is not None:
-                crop = self.query.align(frame.image, detection.landmarks)
-                observation.embedding.CopyFrom(self.embed(crop))
-            else:
-                assert self.codec is not None
-                crop, crop_landmarks = warp_face(frame.image, detection.landmarks, self.template)
-                observation.payload_landmarks.CopyFrom(landmarks_to_proto(crop_landmarks))
-                observation.face.CopyFrom(
-                    common_pb2.EncodedFace(
-                        codec_id=self.codec.codec_id, codec_version=self.codec.version, data=self.codec.encode(crop)
-                    )
-                )
-            faces.append(EdgeFace(observation, detection, crop))
-        return faces
+        """Every face of `frame`, encoded (no shot selection)."""
+        return [self.observe(shot, camera_id=camera_id) for shot in self.shots(frame)]
 
     def embed(self, aligned: np.ndarray) -> common_pb2.Embedding:
         """The query model's embedding of one face aligned to its template, packed for the wire."""

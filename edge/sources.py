@@ -8,8 +8,13 @@ Two kinds of sources exist and they must be treated differently downstream:
 
 * file sources (an image folder, an explicit list of images, one image, a video file) are
   ``live = False``: every frame is meant to be processed, a consumer must never drop any;
-* live sources (a camera, an RTSP/HTTP stream) are ``live = True``: frames keep coming whether
-  or not we keep up, so a slow consumer may drop frames to stay current.
+* live sources (a camera, an RTSP/HTTP stream, a GStreamer pipeline) are ``live = True``: frames
+  keep coming whether or not we keep up, so a slow consumer may drop frames to stay current
+  (edge/live.py hands over the newest frame from a capture thread, and reopens a lost camera).
+
+Capture times: a video file's frames are stamped with their position in the stream
+(``CAP_PROP_POS_MSEC``) from the moment the file was opened, so a track's time is the video's
+time however fast the edge decodes it; live frames and pictures with the wall clock at the read.
 
 Use :func:`open_source` rather than the classes directly; it picks the right one from a spec
 (a camera index, a URL, a folder or a file) and raises :class:`SourceError` with a hint when
@@ -39,6 +44,7 @@ __all__ = [
     "Camera",
     "Frame",
     "FrameSource",
+    "GStreamerPipeline",
     "ImageFiles",
     "NetworkStream",
     "SourceError",
@@ -79,8 +85,9 @@ class Frame:
     ``image`` is HxWx3 uint8 in **RGB** order. ``index`` is the frame's position in its source
     (the file's position in the sorted folder or list, the frame's position in a video, the
     number of frames read so far from a camera); it strictly increases along one pass but can
-    have gaps (``stride``, skipped unreadable images). ``timestamp_us`` is the wall-clock time
-    of the read in microseconds since the Unix epoch.
+    have gaps (``stride``, skipped unreadable images). ``timestamp_us`` is the capture time in
+    microseconds since the Unix epoch: the wall clock at the read for live sources and pictures,
+    the time the file was opened plus the frame's position in the stream for a video file.
     """
 
     image: np.ndarray
@@ -400,6 +407,15 @@ class VideoFile(_CaptureSource):
     def _raw_total(self) -> int | None:
         return self._frame_count
 
+    @staticmethod
+    def _position_us(cap: cv2.VideoCapture, position: int, fps: float | None) -> int:
+        """The frame just read's time in the stream: the container's timestamp, or position / fps
+        where the backend reports none (some give 0 for every frame)."""
+        msec = float(cap.get(cv2.CAP_PROP_POS_MSEC))
+        if math.isfinite(msec) and (msec > 0 or position == 0):
+            return int(msec * 1000)
+        return int(position * 1e6 / (fps or 25.0))
+
     def _frames(self) -> Iterator[Frame]:
         if not self._fresh or self._cap is None:
             # Seeking back (CAP_PROP_POS_FRAMES) is not exact for every codec; reopening is.
@@ -408,6 +424,8 @@ class VideoFile(_CaptureSource):
         self._fresh = False
         cap = self._cap
         position = 0
+        opened_us = _now_us()
+        fps = self.fps
         while True:
             if position % self.stride != 0:
                 # grab() skips the BGR conversion of frames we are not going to keep.
@@ -421,7 +439,7 @@ class VideoFile(_CaptureSource):
             yield Frame(
                 image=_to_rgb(image),
                 index=position,
-                timestamp_us=_now_us(),
+                timestamp_us=opened_us + self._position_us(cap, position, fps),
                 name=f"frame-{position:06d}",
             )
             position += 1
@@ -465,6 +483,8 @@ class _LiveSource(_CaptureSource):
             keep = self._position % self.stride == 0
             ok, image = self._read(cap, keep)
             if not ok:
+                # Let go of the dead capture: iterating again opens a new one (edge/live.py reconnects so).
+                self._release()
                 return
             position = self._position
             self._position += 1
@@ -527,6 +547,41 @@ class NetworkStream(_LiveSource):
         return cap
 
 
+class GStreamerPipeline(_LiveSource):
+    """A GStreamer pipeline string ending in ``appsink`` (``cv2.CAP_GSTREAMER``), e.g. a CSI camera
+    through ``nvarguscamerasrc`` or an RTSP stream decoded in hardware on a Jetson."""
+
+    def __init__(self, pipeline: str, *, max_frames: int | None = None, stride: int = 1) -> None:
+        super().__init__(max_frames=max_frames, stride=stride)
+        self.pipeline = pipeline
+        self.description = f"GStreamer pipeline {_redact_pipeline(pipeline)}"
+        self._cap = self._open_capture()
+
+    def _open_capture(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(self.pipeline, cv2.CAP_GSTREAMER)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(
+                f"cannot open {self.description}: check that this OpenCV build has GStreamer "
+                "(GStreamer: YES in cv2.getBuildInformation(); JetPack's OpenCV does, pip's opencv-python "
+                "does not), that the pipeline runs with gst-launch-1.0, and that it ends in appsink"
+            )
+        return cap
+
+
+def _redact_pipeline(pipeline: str) -> str:
+    """A pipeline with the password of any URL in it (rtspsrc location=...) replaced."""
+    return _CREDENTIALS_RE.sub(r"\1:***@", pipeline)
+
+
+_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):[^\s@/]*@")
+
+
+def _is_gstreamer(text: str) -> bool:
+    """A pipeline string: elements joined by '!' (gst-launch syntax), ending in an appsink."""
+    return " ! " in text or text.startswith("gst:")
+
+
 # ---------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------
@@ -545,6 +600,7 @@ def open_source(
       (``spec`` may then also be None);
     * an int, or a string of digits: a camera index;
     * ``rtsp://``, ``rtsps://``, ``http://``, ``https://``: a network stream;
+    * a GStreamer pipeline (elements joined by `` ! ``, ending in ``appsink``; or ``gst:`` + one);
     * an existing folder: its images (extensions in :data:`IMAGE_EXTENSIONS`, any case),
       recursively unless ``recursive=False``, in sorted order, labelled by parent folder;
     * an existing image file: that one image;
@@ -582,6 +638,8 @@ def open_source(
     if isinstance(text, bytes):  # PathLike may give bytes; keep one code path
         text = os.fsdecode(text)
     if isinstance(spec, str):
+        if _is_gstreamer(text):
+            return GStreamerPipeline(text.removeprefix("gst:").strip(), **opts)
         if text.strip().isdigit():
             return Camera(int(text.strip()), **opts)
         m = _URL_RE.match(text)

@@ -5,12 +5,22 @@ over several frames (a better identity than any single frame) and so a display c
 label stable. Faces move little between consecutive frames of a camera, so matching boxes by
 IoU is enough, costs microseconds, and needs no model on the board.
 
-For independent still images (an image folder) there is no motion to follow: the caller calls
-:meth:`IouTracker.reset` between frames. Ids are never reused, not even after a reset, so an id
+The tracker persists across frames for every source: a video file is a camera that was
+recorded, and a folder of pictures shows different people in different pictures, whose boxes
+rarely overlap enough to be taken for one track (and when they do, the edge's decision pooling
+treats the two identities as a conflict, see edge/tracks.py). :meth:`IouTracker.reset` remains
+for callers that know a cut happened. Ids are never reused, not even after a reset, so an id
 always means one track and the cloud cannot merge two different people by accident.
+
+A track ends when it is unmatched for more than ``max_missed`` updates, or, when the caller
+passes capture times, unseen for more than ``max_age_s`` seconds (a live source that drops
+frames makes "frames" a poor clock). :attr:`IouTracker.ended` lists the ids that ended in the
+last update, so the owner can close its per-track state (edge/tracks.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -64,23 +74,39 @@ class IouTracker:
     Tracks match against their last seen box (no motion model): fine at camera frame rates.
     """
 
-    def __init__(self, iou_threshold: float = 0.3, max_missed: int = 5) -> None:
+    def __init__(self, iou_threshold: float = 0.3, max_missed: int = 5, max_age_s: float | None = None) -> None:
         if not 0.0 < iou_threshold <= 1.0:
             # 0 would let boxes that do not overlap at all inherit an id.
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
         if max_missed < 0:
             raise ValueError(f"max_missed must be >= 0, got {max_missed}")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError(f"max_age_s must be > 0 or None, got {max_age_s}")
         self.iou_threshold = float(iou_threshold)
         self.max_missed = int(max_missed)
+        self.max_age_s = max_age_s
+        #: Ids of the tracks that ended (were dropped) in the last update() or reset().
+        self.ended: list[int] = []
         self._next_id = 1
         # Parallel arrays for the live tracks, kept in creation order for deterministic ties.
         self._ids: list[int] = []
         self._boxes = np.zeros((0, 4), dtype=np.float64)
         self._missed: list[int] = []
+        self._seen: list[float] = []  # capture time (s) each track was last matched; -inf if never given
 
-    def update(self, boxes: np.ndarray) -> list[int]:
-        """Assign a track id to each of this frame's boxes ((n, 4) x, y, w, h), in box order."""
+    def update(self, boxes: np.ndarray, now: float | None = None) -> list[int]:
+        """Assign a track id to each of this frame's boxes ((n, 4) x, y, w, h), in box order.
+
+        `now` is the frame's capture time in seconds (any origin, non-decreasing); with
+        ``max_age_s`` set, a track unseen for longer than that ends even within ``max_missed``.
+        """
         boxes = _as_boxes(boxes, "boxes")
+        stamp = -math.inf if now is None else float(now)
+        self.ended = []
+        if self.max_age_s is not None and now is not None and self._ids:
+            # Unseen for too long (a stalled camera, dropped frames): over before matching, so
+            # whoever stands there now starts a new track.
+            self._drop([stamp - seen > self.max_age_s for seen in self._seen])
         n = boxes.shape[0]
         assigned: list[int | None] = [None] * n
         matched_track = np.zeros(len(self._ids), dtype=bool)
@@ -100,6 +126,7 @@ class IouTracker:
                 matched_track[ti] = True
                 self._boxes[ti] = boxes[bi]
                 self._missed[ti] = 0
+                self._seen[ti] = stamp
 
         # Age unmatched tracks and drop the ones unseen for more than max_missed updates.
         keep = []
@@ -107,10 +134,7 @@ class IouTracker:
             if not matched_track[ti]:
                 self._missed[ti] += 1
             keep.append(self._missed[ti] <= self.max_missed)
-        if not all(keep):
-            self._ids = [t for t, k in zip(self._ids, keep) if k]
-            self._missed = [m for m, k in zip(self._missed, keep) if k]
-            self._boxes = self._boxes[np.asarray(keep, dtype=bool)]
+        self._drop([not k for k in keep])
 
         # New tracks for boxes nothing matched.
         new_boxes = []
@@ -119,6 +143,7 @@ class IouTracker:
                 assigned[bi] = self._next_id
                 self._ids.append(self._next_id)
                 self._missed.append(0)
+                self._seen.append(stamp)
                 new_boxes.append(boxes[bi])
                 self._next_id += 1
         if new_boxes:
@@ -126,11 +151,25 @@ class IouTracker:
 
         return [int(t) for t in assigned]  # type: ignore[arg-type]  # all filled above
 
-    def reset(self) -> None:
-        """Forget all tracks (between independent still images). Ids keep counting up."""
+    def _drop(self, drop: list[bool]) -> None:
+        """Forget the tracks flagged in `drop` (parallel to the live tracks); they join :attr:`ended`."""
+        if not any(drop):
+            return
+        self.ended += [t for t, d in zip(self._ids, drop) if d]
+        self._ids = [t for t, d in zip(self._ids, drop) if not d]
+        self._missed = [m for m, d in zip(self._missed, drop) if not d]
+        self._seen = [s for s, d in zip(self._seen, drop) if not d]
+        self._boxes = self._boxes[~np.asarray(drop, dtype=bool)]
+
+    def reset(self) -> list[int]:
+        """Forget all tracks (after a cut). Ids keep counting up. Returns (and sets
+        :attr:`ended` to) the ids that were live."""
+        self.ended = list(self._ids)
         self._ids = []
         self._boxes = np.zeros((0, 4), dtype=np.float64)
         self._missed = []
+        self._seen = []
+        return self.ended
 
     @property
     def tracks(self) -> dict[int, np.ndarray]:

@@ -93,132 +93,10 @@ examples:
 
 
 # -- edge ---------------------------------------------------------------------------------------
-def _edge(args: argparse.Namespace) -> int:
-    from .config import CanonicalCrop, CropRegionCoding, DetectorConfig, EdgeConfig, StreamConfig
-    from .transport import TransportSecurityError, client_security_from_args
-    from facelink.edge.run import describe, run_edge
-    from facelink.edge.sources import SourceError, open_source
-
-    try:
-        security = client_security_from_args(args)  # before the camera opens: a flag mistake costs nothing
-        source = open_source(args.source, max_frames=args.max_frames, stride=args.stride)
-    except (SourceError, TransportSecurityError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    config = EdgeConfig(
-        detector=DetectorConfig(kind=args.detector),
-        crop=CanonicalCrop(size=args.crop_size),
-        faces=args.faces,
-        payload=args.payload,
-        codec=args.codec,
-        quality=args.quality,
-        crop_border=(EdgeConfig().crop_border or CropRegionCoding()) if args.crop_border else None,
-        query_model=args.query_model,
-        stream=StreamConfig(
-            server=args.server,
-            camera_id=args.camera_id,
-            queue_size=args.queue_size,
-            overflow=args.overflow or ("drop_oldest" if source.live else "block"),
-            face_timeout_s=args.face_timeout,
-            security=security,
-        ),
-    )
-    with source:
-        try:
-            stats = run_edge(source, config, lambda r, f, ms: print(describe(r, f, ms), flush=True), progress=False)
-        except TransportSecurityError as error:  # an unreadable certificate, a token bound for plaintext
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    stream = stats.stream
-    print(
-        f"{stats.frames} frames, {stats.faces} faces sent, {stats.frames_without_face} frames without a face, "
-        f"{stats.unreadable} unreadable; answered {stream.answered}, dropped {stream.dropped}, "
-        f"resent {stream.resent}, reconnects {stream.reconnects}, timed out {stream.timed_out}, "
-        f"unanswered {stream.unanswered}",
-        file=sys.stderr,
-    )
-    for error in stream.errors:
-        print(f"error: {error}", file=sys.stderr)
-    return 1 if stream.errors or stream.unanswered or stream.timed_out else 0
-
-
 def _add_edge(sub: argparse._SubParsersAction) -> None:
-    from .config import EdgeConfig
-    from .transport import add_client_security_arguments
+    from .cli_edge import add_edge_parser  # `facelink edge` lives in cli_edge.py
 
-    def seconds(text: str) -> float:  # argparse names the type in its message: "invalid seconds value"
-        if (value := float(text)) <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
-        return value
-
-    defaults = EdgeConfig()
-    p = sub.add_parser(
-        "edge",
-        help="stream faces from a camera, video, RTSP URL or picture folder to a server",
-        formatter_class=_FORMATTER,
-        description="""\
-The device side: read frames, detect faces (YuNet, or dlib's HOG where ../shared is absent),
-align each face to the canonical crop and encode it (or, with --payload embedding, run the
-small query model on the board and send its 128-byte int8 embedding), and stream it with its
-landmarks over one bidirectional gRPC call. Results are printed as they arrive.
-
-The link keeps a bounded queue: with a live source (camera, RTSP) the oldest face is dropped
-when the server falls behind; with files nothing is dropped and reading waits. If the server
-goes away, the client reconnects with exponential backoff and resends what was unanswered.
-A face unanswered for --face-timeout seconds while connected means the stream is stuck: it is
-reopened and the face resent once; unanswered again, it is reported REJECTED (DEADLINE_EXCEEDED).
-
-The link is plaintext unless --tls-ca (or --tls) is given; add --tls-cert/--tls-key for mutual
-TLS, or a bearer token with --token-file or $FACELINK_TOKEN (see `facelink certs --help`).""",
-        epilog="""\
-sources:
-  0, 1, ...                 a camera by index
-  rtsp://user:pw@host/path  an RTSP (or http) stream
-  clip.mp4                  a video file
-  photos/                   a folder of pictures (recursive; LFW's <person>/<file> layout
-                            gives each picture its person as a label)
-
-examples:
-  facelink edge --source 0 --server cloud.example:50051 --camera-id door-1
-  facelink edge --source ../shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart --server localhost:50051
-  facelink edge --source rtsp://cam.local/stream --codec jpeg --quality 75
-  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8
-  facelink edge --source 0 --server cloud.example:50051 --camera-id door-1 \\
-      --tls-ca pki/ca.crt --tls-cert pki/door-1.crt --tls-key pki/door-1.key   # mutual TLS
-  facelink edge --source 0 --server cloud.example:50051 --tls-ca pki/ca.crt --token-file door-1.token""",
-    )
-    p.add_argument("--source", required=True, help="camera index, video file, RTSP URL or picture folder")
-    p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
-    p.add_argument("--camera-id", default="camera-0", help="name of this camera in results (default camera-0)")
-    p.add_argument("--payload", choices=["face", "embedding"], default=defaults.payload,
-                   help=f"what travels per face: the coded crop, or the query model's int8 embedding (default {defaults.payload})")
-    p.add_argument("--codec", default=defaults.codec,
-                   help=f"face payload codec: jpeg, webp, png, learned (the bundled 'default' learned codec), "
-                        f"learned:wide (fewer bytes, twice the encoder's compute), learned:<manifest.json> "
-                        f"(default {defaults.codec})")
-    p.add_argument("--quality", type=int, default=defaults.quality,
-                   help="codec quality: 1-100 for jpeg/webp, 1-5 for learned (default: the codec's own, "
-                        "90 for jpeg/webp, the bundle's for learned)")
-    p.add_argument("--crop-border", action=argparse.BooleanOptionalAction, default=defaults.crop_border is not None,
-                   help="learned codecs: code the crop's border ring of 16 px latent cells (margin, hair, background) "
-                        "at quality 1 and the face at --quality (default: the bundle's border_ring_quality): fewer "
-                        f"bytes for the same identity (default {'on' if defaults.crop_border is not None else 'off'})")
-    p.add_argument("--query-model", default=defaults.query_model,
-                   help=f"embedding payload model, manifest name or path (default {defaults.query_model})")
-    p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")
-    p.add_argument("--faces", choices=["all", "largest", "central"], default="all", help="faces per frame to send")
-    p.add_argument("--crop-size", type=int, default=128, help="side of the canonical aligned crop in px (default 128)")
-    p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--stride", type=int, default=1, help="use every n-th frame (default 1)")
-    p.add_argument("--queue-size", type=int, default=256, help="faces buffered while the link is busy (default 256)")
-    p.add_argument("--overflow", choices=["block", "drop_oldest"],
-                   help="when the buffer is full (default: drop_oldest for live sources, block for files)")
-    p.add_argument("--face-timeout", type=seconds, default=defaults.stream.face_timeout_s, metavar="SECONDS",
-                   help="how long a sent face may wait for its answer while connected before the stream is "
-                        f"reopened and the face resent; a second miss reports it failed (default {defaults.stream.face_timeout_s:g})")
-    add_client_security_arguments(p)
-    _add_common(p)
-    p.set_defaults(func=_edge)
+    add_edge_parser(sub)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -391,6 +269,7 @@ BENCHMARKS = {
     "latency": "facelink.benchmarks.latency",
     "load": "facelink.benchmarks.load",
     "fuzz-codecs": "facelink.benchmarks.fuzz_codecs",
+    "crash-durability": "facelink.benchmarks.crash_durability",
 }
 
 
@@ -426,6 +305,8 @@ benchmarks:
   load           the service under 1-256 streams of real learned-codec faces: faces/s,
                  p50/p99, health latency, server memory, against the in-process engine
   fuzz-codecs    mutated bitstreams (checksums recomputed) through every decoder
+  crash-durability  SIGKILL the service during enrollments, replacements and erasures;
+                 restart and check every acknowledged call (lost, half-applied, audit)
 
 examples:
   facelink bench verification

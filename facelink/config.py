@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facelink.transport import ClientSecurity  # StreamConfig.security; transport imports no config
 
@@ -133,6 +133,83 @@ class StreamConfig(_Config):
     )
 
 
+class TrackPolicy(_Config):
+    """Which shots of a track the edge sends, and when a track is over (edge/tracks.py).
+
+    A *track* is one person followed across frames by the tracker; a *shot* is one face of that
+    track in one frame. Sending every shot costs 150-250 observations per appearance and decides
+    no better than a few good ones: the cloud answers each shot alone, the edge pools the answers.
+    """
+
+    send: Literal["best", "first", "every"] = Field(
+        "best",
+        description="best: after a short look (best_window_s) the track's best shot so far, then a clearly better one "
+        "(better_by) at most every resend_after_s, up to max_shots; first: the first shot over min_quality only; "
+        "every: every shot over min_quality (one observation per face and frame)",
+    )
+    max_shots: int = Field(3, ge=1, description="shots sent per track at most (send=best)")
+    resend_after_s: float = Field(
+        2.0, ge=0, description="send=best: a better shot is sent only this long after the track's last one"
+    )
+    better_by: float = Field(0.1, ge=0, le=1, description="send=best: how much higher a shot's quality must be to be resent")
+    min_quality: float = Field(0.2, ge=0, le=1, description="shots below this quality (edge/quality.py) are never sent")
+    best_window_s: float = Field(
+        0.4, ge=0,
+        description="send=best: how long a new track is watched before its first shot goes out (the best of that window)",
+    )
+    lost_frames: int = Field(10, ge=0, description="a track unseen for more than this many frames has ended")
+    lost_s: float = Field(2.0, gt=0, description="a track unseen for this long (capture time) has ended")
+    iou_threshold: float = Field(0.3, gt=0, le=1, description="the tracker's box overlap to continue a track")
+
+
+class LiveSourceConfig(_Config):
+    """How a live source (camera, RTSP, GStreamer pipeline) is read: never fall behind, never give up."""
+
+    fps: float | None = Field(
+        None, gt=0, description="frames a second processed at most (None: as fast as the edge keeps up); the rest dropped"
+    )
+    reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a lost camera")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between attempts (doubling up to it)")
+
+
+class EventsConfig(_Config):
+    """Where the edge sends its track events (edge/events.py). Nothing set: no events."""
+
+    jsonl: str | None = Field(None, description='JSON lines to this file (appended), or "-" for stdout')
+    webhook_url: str | None = Field(None, description="POST each event here (https://, or http:// on loopback)")
+    webhook_secret_file: Path | None = Field(None, description="file holding the webhook's HMAC secret")
+    mqtt_host: str | None = Field(None, description="MQTT broker host")
+    mqtt_port: int | None = Field(None, ge=1, le=65535, description="default 1883, or 8883 with TLS")
+    mqtt_topic_prefix: str = Field("facelink", description="topics are <prefix>/<camera>/...")
+    mqtt_username: str | None = None
+    mqtt_password_file: Path | None = Field(None, description="file holding the MQTT password")
+    mqtt_tls_ca: Path | None = Field(None, description="CA bundle of the broker's certificate; turns TLS on")
+
+    @model_validator(mode="after")
+    def _complete(self) -> EventsConfig:
+        if self.webhook_url and not self.webhook_secret_file:
+            raise ValueError("webhook_url needs webhook_secret_file: every request is signed with that secret")
+        if self.webhook_secret_file and not self.webhook_url:
+            raise ValueError("webhook_secret_file is set but webhook_url is not")
+        if self.mqtt_password_file and not self.mqtt_username:
+            raise ValueError("mqtt_password_file needs mqtt_username")
+        mqtt_options = (self.mqtt_username, self.mqtt_password_file, self.mqtt_tls_ca, self.mqtt_port)
+        if not self.mqtt_host and any(o is not None for o in mqtt_options):
+            raise ValueError("MQTT options are set but mqtt_host is not")
+        prefix = self.mqtt_topic_prefix.strip("/")
+        # The same rule as edge/events.py's MqttSink (which checks it again): no wildcards, no '$'.
+        if not prefix or prefix.startswith("$") or any(c in "+#%" or ord(c) < 32 for c in prefix):
+            raise ValueError(
+                f"MQTT topic prefix {self.mqtt_topic_prefix!r} must be non-empty, without '+', '#', '%' or control "
+                "characters, and must not start with '$'"
+            )
+        return self
+
+    @property
+    def any(self) -> bool:
+        return bool(self.jsonl or self.webhook_url or self.mqtt_host)
+
+
 class EdgeConfig(_Config):
     detector: DetectorConfig = DetectorConfig()
     crop: CanonicalCrop = CanonicalCrop()
@@ -166,6 +243,41 @@ class EdgeConfig(_Config):
     )
     stream: StreamConfig = StreamConfig()
     backend: BackendConfig = BackendConfig()
+    tracks: TrackPolicy = TrackPolicy()
+    live: LiveSourceConfig = LiveSourceConfig()
+    events: EventsConfig = EventsConfig()
+    drain_timeout_s: float = Field(
+        10.0, gt=0, description="on SIGTERM/SIGINT or the source's end: how long in-flight faces and sinks may take"
+    )
+
+
+class CameraSpec(_Config):
+    """One camera of a multi-camera edge (`facelink edge --config cameras.yaml`).
+
+    Anything not given here is the command line's (or its defaults'): a camera only says what
+    differs from its neighbours.
+    """
+
+    source: str = Field(min_length=1, description="camera index, RTSP/HTTP URL, GStreamer pipeline, video or folder")
+    camera_id: str = Field(min_length=1, max_length=128)
+    stride: int = Field(1, ge=1)
+    max_frames: int | None = Field(None, ge=0)
+    faces: Literal["all", "largest", "central"] | None = None
+    tracks: TrackPolicy | None = None
+    live: LiveSourceConfig | None = None
+
+
+class CamerasFile(_Config):
+    """The file `facelink edge --config` reads (YAML or JSON): ``cameras: [{source, camera_id, ...}, ...]``."""
+
+    cameras: tuple[CameraSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> CamerasFile:
+        ids = [c.camera_id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
 
 
 class CloudSecurity(_Config):

@@ -342,7 +342,7 @@ def test_a_version_1_gallery_is_migrated_in_place_and_stays_searchable(tmp_path,
 def test_database_settings(gallery):
     conn = gallery._store._db()  # the gallery's own connection: pragmas are per connection
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: an acknowledged commit is on disk
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
 
