@@ -51,7 +51,7 @@ from typing import Any
 
 import grpc
 
-from .errors import PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated
+from .errors import InvalidArgument, PermissionDenied, ResourceExhausted, ServiceError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -382,11 +382,18 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, check: Callable[[grpc.aio
     kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
     inner = getattr(handler, kind)
     streaming_response = kind.endswith("_stream")
+    # Requests are parsed here rather than by grpc, which answers a message that does not parse
+    # with UNKNOWN and the parser's exception text before any handler or interceptor sees it.
+    parse = handler.request_deserializer
+    raw_unary = kind.startswith("unary") and parse is not None
+    raw_stream = method in READ_BY_SERVICER and parse is not None
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             check(context)
-            result = inner(request, context)
+            if raw_unary:
+                request = parse_request(parse, request, method)
+            result = inner(request, _ParsingContext(context, parse, method) if raw_stream else context)
             if not streaming_response:
                 return await result
             if inspect.isawaitable(result):
@@ -402,7 +409,42 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, check: Callable[[grpc.aio
             await abort(context, _internal(method))
 
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(guarded, handler.request_deserializer, handler.response_serializer)
+    deserializer = None if raw_unary or raw_stream else parse
+    return factory(guarded, deserializer, handler.response_serializer)
+
+
+#: Streaming methods whose servicer reads with context.read() and answers a message that does not
+#: parse on the stream itself (one REJECTED result) instead of ending the stream.
+READ_BY_SERVICER = frozenset({"/facelink.v1.Recognition/Recognize"})
+
+
+class UnreadableMessage(InvalidArgument):
+    """A stream message that is not the method's request type."""
+
+
+def parse_request(parse: Callable[[bytes], Any], data: bytes, method: str) -> Any:
+    try:
+        return parse(data)
+    except Exception as error:  # noqa: BLE001 - DecodeError, or whatever a parser raises on garbage
+        kind = getattr(getattr(parse, "__self__", None), "__name__", "request")
+        raise UnreadableMessage(f"a {method.rsplit('/', 1)[-1]} message of {len(data)} bytes does not parse "
+                                f"as a {kind}") from None
+
+
+class _ParsingContext:
+    """The servicer context, with read() parsing each raw message (UnreadableMessage if it does not)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, parse: Callable[[bytes], Any], method: str) -> None:
+        self._context = context
+        self._parse = parse
+        self._method = method
+
+    async def read(self) -> Any:
+        data = await self._context.read()
+        return data if data is grpc.aio.EOF else parse_request(self._parse, data, self._method)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 async def _as_async(responses: Any):  # noqa: ANN201

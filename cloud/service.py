@@ -31,7 +31,7 @@ from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_p
 from facelink.logsafe import printable
 
 from .audit import AuditLog
-from .auth import Principal, RateLimiter, current_principal, rate_limited
+from .auth import Principal, RateLimiter, UnreadableMessage, current_principal, rate_limited
 from .batching import Batcher
 from .engine import Decision, EnrollFace, Identification, RecognitionEngine
 from .errors import DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ServiceError
@@ -155,7 +155,14 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
                 if not in_flight:
                     read.cancel()
                     raise DeadlineExceeded(f"no observation for {idle:.0f} s; the stream is closed (reconnect when needed)")
-            observation = read.result()
+            try:
+                observation = read.result()
+            except UnreadableMessage as error:
+                # No request id to echo, but still one answer per message, and the stream goes on.
+                unreadable = asyncio.get_running_loop().create_future()
+                unreadable.set_result(self._finish(recognition_pb2.FaceObservation(), None, error, principal, time.perf_counter()))
+                await results.put(unreadable)
+                continue
             if observation is grpc.aio.EOF:
                 return
             future = self._start(observation, principal, in_flight)
