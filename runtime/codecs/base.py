@@ -11,6 +11,12 @@ from typing import Protocol
 
 import numpy as np
 
+#: The largest picture a face codec decodes unless the caller gives a budget (1920x1080 fits): a
+#: face codec's pictures are crops and camera frames, and the learned decoder's activations grow
+#: with the area (about a gigabyte at this size). A service that knows better (a streamed crop
+#: is 128x128) passes a far smaller `max_pixels`.
+MAX_PIXELS = 1 << 21
+
 
 class CodecError(ValueError):
     """Bytes that cannot be decoded: corrupt, truncated, or not this codec's bitstream."""
@@ -33,6 +39,7 @@ class FaceCodec(Protocol):
         """HxWx3 uint8 RGB -> bitstream."""
         ...
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Bitstream -> HxWx3 uint8 RGB. Raises CodecError on anything that is not a valid stream."""
+    def decode(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """Bitstream -> HxWx3 uint8 RGB. Raises CodecError on anything that is not a valid stream,
+        and, before decoding anything, on a picture larger than `max_pixels` (None: MAX_PIXELS)."""
         ...

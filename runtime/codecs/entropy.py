@@ -14,13 +14,43 @@ bits (uniform), so that a rare outlier costs a few bytes instead of breaking the
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from .base import CodecError
 
-_MAX_ESCAPE_BITS = 31
+_MAX_ESCAPE_BITS = 31  # an escape's bit length is coded uniformly over 0..31 (the wire format)
+#: constriction's `Uniform` model has 24-bit precision: it codes at most 2**24 values, and a larger
+#: one panics. So no stream carries an escape longer than 24 bits, and a decoder that reads one
+#: is reading garbage.
+_MAX_CODED_ESCAPE_BITS = 24
+#: What an escape costs at least: its bit length, uniform over 32 values (and its escape symbol,
+#: which is improbable, costs far more).
+_MIN_BITS_PER_ESCAPE = 5
+
+
+@contextmanager
+def _corrupt_on_failure() -> Iterator[None]:
+    """Whatever constriction raises on garbage, as a CodecError.
+
+    It raises ValueError for some bad input (data that does not end in a zero word) and reports a
+    violated assertion as pyo3's PanicException, which derives from BaseException so that a plain
+    `except Exception` (a gRPC handler's) lets it through and the call never completes. The checks
+    in `decode` keep the known panics from happening; this keeps an unknown one a corrupt stream.
+    """
+    try:
+        yield
+    except CodecError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the coder on these bytes
+        raise CodecError(f"corrupt payload: the entropy decoder failed ({error})") from error
+    except BaseException as error:
+        if type(error).__name__ != "PanicException":
+            raise
+        raise CodecError(f"corrupt payload: the entropy decoder failed ({error})") from error
 
 
 def _coder():  # noqa: ANN202 - constriction has no type information
@@ -85,7 +115,7 @@ class FactorizedEntropyCoder:
         # A stack: push in the reverse of the decoding order (regular symbols first, then escapes).
         for value in overflow[::-1]:
             nbits = int(value).bit_length()
-            if nbits > _MAX_ESCAPE_BITS:
+            if nbits > _MAX_CODED_ESCAPE_BITS:
                 raise ValueError(f"latent value out of range ({value})")
             if nbits:
                 coder.encode_reverse(np.array([value], np.int32), self._stream.model.Uniform(1 << nbits))
@@ -103,6 +133,26 @@ class FactorizedEntropyCoder:
         return max(0, int(0.9 * cells * self._min_bits_per_cell / 8) - 8)
 
     def decode(self, payload: bytes, height: int, width: int) -> np.ndarray:
+        """Bytes -> the (C, height, width) int latent, or a CodecError that says what is wrong."""
+        self._check_payload_size(payload, height, width)
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        count = height * width
+        escape = (self.tables.length - 1).astype(np.int64)[:, None]  # index of each channel's escape
+        with _corrupt_on_failure():
+            coder = self._stream.stack.AnsCoder(words)
+            coded = np.stack([coder.decode(self._models[c], count) for c in range(self.channels)]).astype(np.int64)
+            outside = coded == escape
+            overflow = self._decode_escapes(coder, int(outside.sum()), len(payload))
+            if not coder.is_empty():
+                raise CodecError("corrupt payload: data left over after the last symbol")
+        values = coded
+        if overflow:
+            zigzag = np.array(overflow, dtype=np.int64)
+            high = np.broadcast_to(escape, values.shape)[outside]
+            values[outside] = np.where(zigzag % 2 == 1, -(zigzag + 1) // 2, high + zigzag // 2)
+        return (values + self.tables.offset[:, None]).reshape(self.channels, height, width)
+
+    def _check_payload_size(self, payload: bytes, height: int, width: int) -> None:
         if len(payload) % 4:
             raise CodecError(f"corrupt payload: {len(payload)} bytes is not a whole number of 32-bit words")
         if len(payload) < self.min_bytes(height * width):
@@ -110,24 +160,19 @@ class FactorizedEntropyCoder:
                 f"corrupt payload: {len(payload)} bytes cannot hold a {width}x{height} latent "
                 f"(at least {self.min_bytes(height * width)} bytes)"
             )
-        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-        coder = self._stream.stack.AnsCoder(words)
-        count = height * width
-        try:
-            coded = np.stack([coder.decode(self._models[c], count) for c in range(self.channels)]).astype(np.int64)
-            escape = (self.tables.length - 1).astype(np.int64)[:, None]
-            outside = coded == escape
-            overflow = []
-            for _ in range(int(outside.sum())):
-                nbits = int(coder.decode(self._bits, 1)[0])
-                overflow.append(int(coder.decode(self._stream.model.Uniform(1 << nbits), 1)[0]) if nbits else 0)
-        except (ValueError, RuntimeError) as error:
-            raise CodecError(f"corrupt payload: the entropy decoder failed ({error})") from error
-        if not coder.is_empty():
-            raise CodecError("corrupt payload: data left over after the last symbol")
-        values = coded.copy()
-        if overflow:
-            zigzag = np.array(overflow, dtype=np.int64)
-            high = np.broadcast_to(escape, values.shape)[outside]
-            values[outside] = np.where(zigzag % 2 == 1, -(zigzag + 1) // 2, high + zigzag // 2)
-        return (values + self.tables.offset[:, None]).reshape(self.channels, height, width)
+
+    def _decode_escapes(self, coder, count: int, payload_bytes: int) -> list[int]:  # noqa: ANN001
+        """The values of `count` escaped symbols, which travel after the regular ones."""
+        # Garbage can decode into escapes everywhere; a valid payload pays at least 5 bits for
+        # each (slack: the coder's 64-bit state). Refusing more keeps the Python loop below in
+        # proportion to the bytes received.
+        if count * _MIN_BITS_PER_ESCAPE > payload_bytes * 8 + 64:
+            raise CodecError(f"corrupt payload: {count} escaped values cannot fit in {payload_bytes} bytes")
+        overflow = []
+        for _ in range(count):
+            nbits = int(coder.decode(self._bits, 1)[0])
+            if nbits > _MAX_CODED_ESCAPE_BITS:
+                raise CodecError(f"corrupt payload: an escaped value of {nbits} bits (the coder writes at most "
+                                 f"{_MAX_CODED_ESCAPE_BITS})")
+            overflow.append(int(coder.decode(self._stream.model.Uniform(1 << nbits), 1)[0]) if nbits else 0)
+        return overflow

@@ -63,8 +63,8 @@ class _RegionCodec:
     def encode(self, image: np.ndarray) -> bytes:
         return self.codec.encode(image, regions=self.regions(image), background=self.background)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return self.codec.decode(data)
+    def decode(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        return self.codec.decode(data, max_pixels)
 
 
 class AlignedCropCodec(_RegionCodec):

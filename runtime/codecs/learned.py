@@ -30,19 +30,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from facelink.config import BackendConfig
 
-from ..backends import create_backend
+from ..backends import OnnxRuntimeBackend, create_backend
+from ..backends.onnxruntime_backend import release_freed_memory
 from ..manifest import ManifestError, file_sha256, load_named_json
 from . import bitstream
-from .base import CodecError
+from .base import MAX_PIXELS, CodecError  # MAX_PIXELS lived here first: still importable from here
 from .bitstream import Background, Region
 from .entropy import ChannelTables, FactorizedEntropyCoder
 from .standard import check_image
 
 CODEC_PREFIX = "codec-"
 CODEC_FOLDER = "codecs"
-#: The largest picture coded or decoded (1920x1080 fits): a face codec's pictures are crops and
-#: camera frames, and the decoder's activations grow with the area (gigabytes at this size).
-MAX_PIXELS = 1 << 21
+#: After decoding a picture this large (padded), the freed heap goes back to the system: its
+#: activations were hundreds of megabytes (a 128x128 crop's are a few).
+RELEASE_AFTER_PIXELS = 1 << 19
 
 
 class _Strict(BaseModel):
@@ -189,7 +190,12 @@ class LearnedFaceCodec:
     @cached_property
     def decoder_backend(self):  # noqa: ANN202
         with self._lock:
-            return create_backend(self._verified(self.manifest.decoder, "decoder"), self._backend)
+            path = self._verified(self.manifest.decoder, "decoder")
+            if path.suffix.lower() == ".onnx":
+                # The decoder's input size follows each stream's header: one large picture must
+                # not leave ONNX Runtime's memory arena at its size for the life of the process.
+                return OnnxRuntimeBackend(path, self._backend, release_memory=True)
+            return create_backend(path, self._backend)
 
     def entropy_coder(self, quality: int) -> FactorizedEntropyCoder:
         """The static-table coder of one quality's symbols (the payload, without the header)."""
@@ -207,6 +213,17 @@ class LearnedFaceCodec:
     def _check_area(width: int, height: int, error: type[ValueError]) -> None:
         if width * height > MAX_PIXELS:
             raise error(f"a {width}x{height} picture is larger than the learned codec's limit of {MAX_PIXELS:,} pixels")
+
+    def _check_budget(self, width: int, height: int, max_pixels: int) -> None:
+        """A caller's pixel budget, on the area the decoder synthesises: the picture padded to the
+        stride (a 1x4096 picture is decoded as 16x4096)."""
+        h, w = self.latent_size(width, height)
+        stride = self.manifest.stride
+        if (h * stride) * (w * stride) > max_pixels:
+            raise CodecError(
+                f"a {width}x{height} picture ({w * stride}x{h * stride} once padded to the codec's stride) "
+                f"is over the budget of {max_pixels:,} pixels"
+            )
 
     def encoder_input(self, image: np.ndarray) -> np.ndarray:
         """The encoder's (1, 3, H, W) input: the picture padded to a multiple of the stride, in [0, 1]."""
@@ -284,7 +301,12 @@ class LearnedFaceCodec:
         header = bitstream.Header(self.manifest.tag, self.quality, width, height, cells, background)
         return bitstream.pack(header, bitstream.join_payload(inside, outside))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """Bytes -> HxWx3 uint8 RGB, or a CodecError that says what is wrong with them.
+
+        A picture larger than `max_pixels` (padded to the stride; None: the codec's own limit,
+        `MAX_PIXELS`) is refused from its header, before any symbol is decoded or memory allocated.
+        """
         header, payload = bitstream.unpack(data)
         if header.codec_tag != self.manifest.tag:
             raise CodecError(
@@ -293,25 +315,55 @@ class LearnedFaceCodec:
             )
         self._check_quality(header.quality, "quality")
         self._check_area(header.width, header.height, CodecError)
+        if max_pixels is not None:
+            self._check_budget(header.width, header.height, max_pixels)
+        y_hat = self._decode_latent(header, payload)
+        return self._synthesise(y_hat, header.width, header.height)
+
+    def _decode_latent(self, header: bitstream.Header, payload: bytes) -> np.ndarray:
+        """The decoder's (C, h, w) input from the payload's symbols."""
         h, w = self.latent_size(header.width, header.height)
         if not header.regions:
-            y_hat = self.dequantize(self.entropy_coder(header.quality).decode(payload, h, w), header.quality)
+            return self.dequantize(self.entropy_coder(header.quality).decode(payload, h, w), header.quality)
+        background = header.background
+        assert background is not None  # unpack sets it with the regions
+        self._check_quality(background.quality, "background quality")
+        mask = self._region_mask(header.regions, h, w)
+        inside, outside = bitstream.split_payload(payload)
+        y_hat = np.empty((self.manifest.latent_channels, h, w), dtype=np.float32)
+        symbols = self.entropy_coder(header.quality).decode(inside, 1, int(mask.sum()))[:, 0, :]
+        y_hat[:, mask] = self.dequantize(symbols, header.quality)
+        if mask.all():
+            if outside:
+                raise CodecError("corrupt payload: background data, but the regions cover the whole picture")
         else:
-            background = header.background
-            assert background is not None  # unpack sets it with the regions
-            self._check_quality(background.quality, "background quality")
-            mask = self._region_mask(header.regions, h, w)
-            inside, outside = bitstream.split_payload(payload)
-            y_hat = np.empty((self.manifest.latent_channels, h, w), dtype=np.float32)
-            symbols = self.entropy_coder(header.quality).decode(inside, 1, int(mask.sum()))[:, 0, :]
-            y_hat[:, mask] = self.dequantize(symbols, header.quality)
-            if mask.all():
-                if outside:
-                    raise CodecError("corrupt payload: background data, but the regions cover the whole picture")
-            else:
-                symbols = self.entropy_coder(background.quality).decode(outside, 1, int((~mask).sum()))[:, 0, :]
-                y_hat[:, ~mask] = self.dequantize(symbols, background.quality, background.step)
-        backend = self.decoder_backend
-        x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
-        image = np.clip(np.rint(x.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(image[: header.height, : header.width])
+            symbols = self.entropy_coder(background.quality).decode(outside, 1, int((~mask).sum()))[:, 0, :]
+            y_hat[:, ~mask] = self.dequantize(symbols, background.quality, background.step)
+        return y_hat
+
+    def _synthesise(self, y_hat: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The decoder network on a latent -> the picture, cropped to the header's size."""
+        backend = self.decoder_backend  # outside the try: a missing or tampered file is not the stream's fault
+        try:
+            x = backend.run({backend.input_names[0]: np.ascontiguousarray(y_hat[None])})[0][0]
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: this stream cannot be decoded here
+            raise CodecError(f"the decoder failed on a {width}x{height} picture: {error}") from error
+        image = _to_pixels(x[:, :height, :width])
+        if x.shape[1] * x.shape[2] >= RELEASE_AFTER_PIXELS:
+            del x
+            release_freed_memory()
+        return image
+
+
+def _to_pixels(x: np.ndarray) -> np.ndarray:
+    """(3, H, W) float output in [0, 1] -> HxWx3 uint8, converted in place (a 1920x1080 picture's
+    float copies are 25 MB each). Extreme escaped values are valid symbols but can overflow the
+    network to inf or NaN, which no cast to uint8 defines: they become 0 or 255 like any pixel
+    out of range."""
+    if not x.flags.writeable:  # a backend's output buffer that is not ours to change
+        x = x.copy()
+    np.multiply(x, np.float32(255.0), out=x)
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.transpose(1, 2, 0).astype(np.uint8, order="C")
