@@ -332,8 +332,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201 - grpc's signature
         handler = await continuation(details)
         method = details.method
-        if handler is None or method.startswith(HEALTH_SERVICE):
+        if handler is None:
             return handler
+        if method.startswith(HEALTH_SERVICE):  # open to all, but parsed here too (else UNKNOWN with the parser's text)
+            return _wrap(handler, method, _open_to_all)
         scope = "admin" if method.startswith(REFLECTION_SERVICES) else METHOD_SCOPES.get(method)
         return _wrap(handler, method, self._guard(method, scope))
 
@@ -372,7 +374,13 @@ def _internal(method: str) -> ServiceError:
     return ServiceError(f"internal error (incident {incident}); the server log has the details")
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, check: Callable[[grpc.aio.ServicerContext], Principal]) -> grpc.RpcMethodHandler:
+def _open_to_all(context: grpc.aio.ServicerContext) -> None:
+    """The check of a health call: none (a load balancer holds no credential)."""
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, check: Callable[[grpc.aio.ServicerContext], Principal | None]
+) -> grpc.RpcMethodHandler:
     """The same handler with `check` run first and every exception turned into a status.
 
     Streaming responses are written with context.write() whether the inner handler is an

@@ -57,12 +57,13 @@ def landmarks_from_proto(message: common_pb2.Landmarks, what: str) -> np.ndarray
     return np.array([(p.x, p.y) for p in message.points], dtype=np.float32)
 
 
-def image_from_proto(image: common_pb2.Image, what: str, max_side: int) -> np.ndarray:
-    """A picture payload -> RGB array, or INVALID_ARGUMENT naming the picture and the problem."""
+def image_from_proto(image: common_pb2.Image, what: str, max_side: int, max_pixels: int) -> np.ndarray:
+    """A picture payload -> RGB array, or INVALID_ARGUMENT naming the picture and the problem.
+    Its size is read from the header and refused before anything is decoded."""
     if image.format not in _IMAGE_FORMATS:
         raise InvalidArgument(f"{what}: unsupported image format {image.format}")
     try:
-        return decode_image(image.data, what=what, max_side=max_side)
+        return decode_image(image.data, what=what, max_side=max_side, max_pixels=max_pixels)
     except CodecError as error:
         raise InvalidArgument(str(error)) from error
 
@@ -214,6 +215,11 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             except Exception:  # a bug must cost one face, not the stream or the server
                 log.exception("internal error on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
                 error = ServiceError("internal error while recognising this face; see server log")
+            except BaseException as failure:  # a native library's panic (pyo3) is a BaseException: one face too
+                if isinstance(failure, (GeneratorExit, KeyboardInterrupt, SystemExit)):
+                    raise
+                log.exception("native failure on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
+                error = ServiceError("internal error while recognising this face; see server log")
         return self._finish(observation, found, error, principal, started)
 
     def _prepare(self, observation: recognition_pb2.FaceObservation, principal: Principal) -> np.ndarray | Identification:
@@ -234,7 +240,7 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         if kind == "face":
             image = self._decode_face(payload)
         else:
-            image = image_from_proto(payload, "image payload", self.config.max_image_side)
+            image = image_from_proto(payload, "image payload", self.config.max_image_side, self.limits.max_image_pixels)
         landmarks = landmarks_from_proto(observation.payload_landmarks, "payload_landmarks")
         if landmarks is None and kind == "face":
             raise InvalidArgument("a face payload needs payload_landmarks (5 points in the crop's coordinates)")
@@ -411,7 +417,7 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         def enroll() -> tuple[int, int, list[np.ndarray | None]]:
             faces = [
                 EnrollFace(
-                    image_from_proto(item.image, f"image {i}", limits.max_image_side),
+                    image_from_proto(item.image, f"image {i}", limits.max_image_side, limits.limits.max_image_pixels),
                     landmarks_from_proto(item.landmarks, f"image {i}"),
                 )
                 for i, item in enumerate(request.images)

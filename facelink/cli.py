@@ -269,6 +269,7 @@ BENCHMARKS = {
     "latency": "facelink.benchmarks.latency",
     "load": "facelink.benchmarks.load",
     "fuzz-codecs": "facelink.benchmarks.fuzz_codecs",
+    "fuzz-wire": "facelink.benchmarks.fuzz_wire",
     "crash-durability": "facelink.benchmarks.crash_durability",
 }
 
@@ -305,6 +306,8 @@ benchmarks:
   load           the service under 1-256 streams of real learned-codec faces: faces/s,
                  p50/p99, health latency, server memory, against the in-process engine
   fuzz-codecs    mutated bitstreams (checksums recomputed) through every decoder
+  fuzz-wire      mutated observations and unary requests against a live server: one
+                 typed answer each, no INTERNAL/UNKNOWN/hang, health answered throughout
   crash-durability  SIGKILL the service during enrollments, replacements and erasures;
                  restart and check every acknowledged call (lost, half-applied, audit)
 

@@ -319,6 +319,9 @@ class ServiceLimits(_Config):
     max_face_pixels: int = Field(
         512 * 512, ge=64 * 64, description="largest decoded face payload (a streamed crop is 128x128); larger is refused"
     )
+    max_image_pixels: int = Field(
+        12_000_000, ge=64 * 64, description="largest picture (enrollment, image payloads), read from its header"
+    )
     max_camera_id_length: int = Field(128, ge=1)
     max_identities: int = Field(1_000_000, ge=1, description="identities the gallery may hold")
     max_pictures_per_identity: int = Field(1000, ge=1, description="enrollment pictures one identity may hold")
