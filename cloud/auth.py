@@ -15,6 +15,7 @@ Scopes (least privilege: a token or certificate gets exactly the ones it is give
     enroll      add or replace an identity's pictures
     remove      erase an identity
     read        list identities
+    unknowns    list unknown people with their crops, erase them; with enroll, name them
     admin       all of the above, server reflection, the audit log
 
 Why `embeddings` and `scores` are separate: with a gallery model's embedding space open and
@@ -55,7 +56,7 @@ from .errors import InvalidArgument, PermissionDenied, ResourceExhausted, Servic
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("recognize", "embeddings", "scores", "enroll", "remove", "read", "admin")
+SCOPES = ("recognize", "embeddings", "scores", "enroll", "remove", "read", "unknowns", "admin")
 #: What a verified client certificate that no grant names may do: it is a device.
 DEVICE_SCOPES = frozenset({"recognize"})
 TOKEN_PREFIX = "flk"
@@ -72,6 +73,11 @@ METHOD_SCOPES = {
     "/facelink.v1.Gallery/Enroll": "enroll",
     "/facelink.v1.Gallery/RemoveIdentity": "remove",
     "/facelink.v1.Gallery/ListIdentities": "read",
+    # Pictures of people who never enrolled: a scope of their own. EnrollUnknown also needs
+    # `enroll`, which GalleryService.EnrollUnknown checks (one scope per method here).
+    "/facelink.v1.Gallery/ListUnknowns": "unknowns",
+    "/facelink.v1.Gallery/EnrollUnknown": "unknowns",
+    "/facelink.v1.Gallery/ForgetUnknown": "unknowns",
 }
 
 

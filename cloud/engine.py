@@ -14,7 +14,7 @@ embedding payload is matched against the templates of the model that produced it
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -38,6 +38,7 @@ from facelink.runtime.recognition import OnnxRecognizer, Recognizer, create_reco
 
 from .errors import InvalidArgument
 from .gallery import Gallery, QueryModel
+from .unknowns import UNKNOWNS_DB, UnknownClusters
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Identification:
     decision: Decision
     threshold: float
     model_id: str
+    # The primary recogniser's unit embedding of the face, when the engine computed it
+    # (identify_aligned): what unknown people are clustered by (cloud/unknowns.py).
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,14 @@ class RecognitionEngine:
         # including pictures enrolled while the query model was not served.
         for query_model in self.query_models.values():
             gallery.rebuild_derived(query_model)
+        # Unknown people, clustered in the primary recogniser's space (the file is created at
+        # the first sighting; with unknowns.enabled off none is recorded, what is kept still
+        # expires and can be listed, enrolled or erased).
+        unknowns = config.unknowns
+        self.unknowns = UnknownClusters(
+            Path(gallery.directory) / UNKNOWNS_DB, unknowns, self.recognizer.model_id,
+            self.threshold if unknowns.threshold is None else unknowns.threshold,
+        )
 
     def _gallery_recognizers(self) -> dict[str, Recognizer]:
         """The primary recogniser first, then the configured gallery models, by model id."""
@@ -241,8 +253,11 @@ class RecognitionEngine:
         return self.recognizer.align(image, landmarks)
 
     def identify_aligned(self, crops: np.ndarray) -> list[Identification]:
-        """A batch of aligned crops through the primary recogniser and the gallery."""
-        return self.match(self.recognizer.embed_aligned(crops), self.recognizer.model_id)
+        """A batch of aligned crops through the primary recogniser and the gallery; each
+        decision carries its embedding."""
+        embeddings = self.recognizer.embed_aligned(crops)
+        decisions = self.match(embeddings, self.recognizer.model_id)
+        return [replace(found, embedding=vector) for found, vector in zip(decisions, embeddings, strict=True)]
 
     def identify(self, image: np.ndarray, landmarks: np.ndarray) -> Identification:
         return self.identify_aligned(self.align(image, landmarks)[None])[0]

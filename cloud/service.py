@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 import facelink
+from facelink.runtime.alignment import warp_face
 from facelink.runtime.codecs import CodecError, available_codecs, decode_image
 from facelink.runtime.embeddings import unpack_embedding
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
@@ -34,9 +35,18 @@ from .audit import AuditLog
 from .auth import Principal, RateLimiter, UnreadableMessage, current_principal, rate_limited
 from .batching import Batcher
 from .engine import Decision, EnrollFace, Identification, RecognitionEngine
-from .errors import DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ServiceError
+from .errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+)
 from .gallery import GalleryError, UnknownIdentityError, normalize_identity
 from .metrics import ServiceMetrics
+from .unknowns import CROP_TEMPLATE, KeptCrop, Sighting, UnknownNotFound, UnknownRecord, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,9 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         self._faces = RateLimiter(self.limits.face_rate, self.limits.face_burst)
         self._batcher: Batcher[Identification] | None = None
         self._pending: asyncio.Semaphore | None = None
+        # Unknown people are clustered on a thread of their own: one writer, and a face's
+        # answer waits for its unknown id (about a millisecond), not for another stream's decode.
+        self._unknowns_pool = ThreadPoolExecutor(1, thread_name_prefix="facelink-unknowns")
         self.open_streams = 0
 
     async def start(self) -> None:
@@ -104,6 +117,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         if self._batcher is not None:
             await self._batcher.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        # Waited for: a sighting half-written when the store is closed would be lost.
+        await asyncio.get_running_loop().run_in_executor(None, self._unknowns_pool.shutdown)
 
     # -- the stream -------------------------------------------------------------------------
     async def Recognize(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -202,12 +217,19 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         assert self._pending is not None and self._batcher is not None
         found: Identification | None = None
         error: ServiceError | None = None
+        unknown_id = ""
         async with self._pending:
             try:
                 prepared = await asyncio.get_running_loop().run_in_executor(
                     self._decode_pool, self._prepare, observation, principal
                 )
-                found = prepared if isinstance(prepared, Identification) else await self._batcher.submit(prepared)
+                if isinstance(prepared, Identification):
+                    found = prepared
+                else:
+                    aligned, kept_crop = prepared
+                    found = await self._batcher.submit(aligned)
+                    if found.decision is Decision.UNKNOWN and kept_crop is not None:
+                        unknown_id = await self._unknown_id(observation, principal, found, kept_crop)
             except ServiceError as refused:
                 error = refused
             except asyncio.CancelledError:
@@ -220,11 +242,31 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
                     raise
                 log.exception("native failure on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
                 error = ServiceError("internal error while recognising this face; see server log")
-        return self._finish(observation, found, error, principal, started)
+        return self._finish(observation, found, error, principal, started, unknown_id)
 
-    def _prepare(self, observation: recognition_pb2.FaceObservation, principal: Principal) -> np.ndarray | Identification:
-        """Worker thread: checks, decoding, landmarks -> the aligned crop (or, for an embedding
-        payload, already the decision)."""
+    async def _unknown_id(
+        self, observation: recognition_pb2.FaceObservation, principal: Principal, found: Identification,
+        crop: np.ndarray,
+    ) -> str:
+        """The persistent id of an UNKNOWN face (cloud/unknowns.py); "" if it cannot be had.
+        The decision stands whatever happens here: a failing unknowns store costs the id only."""
+        if found.embedding is None:
+            return ""
+        track = (str(principal), observation.camera_id, observation.track_id) if observation.track_id else None
+        sighting = Sighting(found.embedding, crop, observation.camera_id, track)
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._unknowns_pool, self.engine.unknowns.observe, sighting)
+        except Exception:  # noqa: BLE001 - logged; the face is still answered
+            log.exception("unknowns: could not record an unknown face from %s", printable(observation.camera_id))
+            return ""
+
+    def _prepare(
+        self, observation: recognition_pb2.FaceObservation, principal: Principal
+    ) -> tuple[np.ndarray, np.ndarray | None] | Identification:
+        """Worker thread: checks, decoding, landmarks -> the aligned crop and, when unknown
+        people are kept, the canonical crop kept should the face be UNKNOWN (or, for an
+        embedding payload, already the decision)."""
         camera = observation.camera_id
         if len(camera) > self.limits.max_camera_id_length or (camera and not _CAMERA_ID.match(camera)):
             raise InvalidArgument(f"camera_id must be 1-{self.limits.max_camera_id_length} printable ASCII characters")
@@ -245,7 +287,10 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         if landmarks is None and kind == "face":
             raise InvalidArgument("a face payload needs payload_landmarks (5 points in the crop's coordinates)")
         landmarks, _ = self.engine.locate_face(image, landmarks, f"{kind} payload")
-        return self.engine.align(image, landmarks)
+        # Warped now, while the decoded picture is at hand: holding a whole `image` payload
+        # until the decision would cost far more memory than a 128x128 crop.
+        kept = warp_face(image, landmarks, CROP_TEMPLATE)[0] if self.config.unknowns.enabled else None
+        return self.engine.align(image, landmarks), kept
 
     def _decode_face(self, face: common_pb2.EncodedFace) -> np.ndarray:
         decoder = self._decoders.get(face.codec_id)
@@ -293,7 +338,7 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
 
     def _finish(
         self, observation: recognition_pb2.FaceObservation, found: Identification | None, error: ServiceError | None,
-        principal: Principal, started: float,
+        principal: Principal, started: float, unknown_id: str = "",
     ) -> recognition_pb2.FaceResult:
         result = recognition_pb2.FaceResult(
             camera_id=observation.camera_id[: self.limits.max_camera_id_length],
@@ -308,6 +353,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             result.error.message = error.message
         elif found is not None:
             self._present(result, found, principal)
+            if found.decision is Decision.UNKNOWN:
+                result.unknown_id = unknown_id  # an opaque id says nothing of the gallery: every principal sees it
         elapsed = time.perf_counter() - started
         result.server_latency_us = min(int(elapsed * 1e6), 2**32 - 1)
         self._count(observation, result, elapsed)
@@ -371,19 +418,50 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         self.audit = audit
         # One writer thread: SQLite serialises writes anyway, and the loop must stay free.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="facelink-gallery")
+        # Unknown people's retention lives here, beside the audit log that records its erasures.
+        self.unknowns = engine.unknowns
+        self.unknowns.on_erased = self._record_expiry
+        self._expiry: asyncio.Task[None] | None = None
+        try:  # built by the server, on its event loop: enforce retention now and on a timer
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.create_task(self._expire_unknowns(), name="facelink-unknowns-expiry")
+        except RuntimeError:  # built without a loop (no server): retention runs only when called
+            pass
 
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
         self._pool.shutdown(wait=True)
+        self.unknowns.close()
+
+    async def _expire_unknowns(self) -> None:
+        """Erase unknown people past their retention, at start and every purge_interval_s."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._pool, self.unknowns.expire)
+            except Exception:  # noqa: BLE001 - retried at the next tick; the log says why
+                log.exception("unknowns: the retention period could not be enforced")
+            await asyncio.sleep(self.engine.config.unknowns.purge_interval_s)
+
+    def _record_expiry(self, why: str, unknown_ids: list[str], crops: int) -> None:
+        """The audit record of unknown people erased by the server itself (retention, capacity)."""
+        shown = ", ".join(unknown_ids[:16]) + (f" and {len(unknown_ids) - 16} more" if len(unknown_ids) > 16 else "")
+        self.audit.record(principal="system:unknowns", peer="-", call="UnknownsRetention", identity=None, outcome="ok",
+                          counts={"unknowns": len(unknown_ids), "crops": crops}, detail=f"{why}: {shown}")
 
     async def _run(self, context: grpc.aio.ServicerContext, call: str, identity: str | None,
-                   work: Callable[[], Any], counts: Callable[[Any], dict[str, int]] | None = None) -> Any:
-        """`work` on the gallery thread, recorded in the audit log whatever its outcome.
+                   work: Callable[[], Any], counts: Callable[[Any], dict[str, int]] | None = None,
+                   detail: str | None = None) -> Any:
+        """`work` on the gallery thread, recorded in the audit log whatever its outcome
+        (`detail` goes with the intent and the success).
 
         The intent is recorded first: the gallery commits before the outcome is written, and a
         crash between the two must not leave a change that no record mentions (SIGKILL rounds,
         `facelink bench crash-durability`)."""
         principal = _principal()
-        await self._record(principal, context, call, identity, "started", None, None)
+        await self._record(principal, context, call, identity, "started", None, detail)
         try:
             value = await asyncio.get_running_loop().run_in_executor(self._pool, work)
         except ServiceError as error:
@@ -396,7 +474,7 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         except Exception:
             await self._record(principal, context, call, identity, "failed INTERNAL", None, None)
             raise
-        await self._record(principal, context, call, identity, "ok", counts(value) if counts else None, None)
+        await self._record(principal, context, call, identity, "ok", counts(value) if counts else None, detail)
         return value
 
     async def _record(self, principal: Principal, context: grpc.aio.ServicerContext, call: str, identity: str | None,
@@ -463,6 +541,110 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
             next_page_token=str(next_offset) if next_offset < total else "",
             total=total,
         )
+
+    # -- unknown people (cloud/unknowns.py) ------------------------------------------------------
+    async def ListUnknowns(self, request, context) -> gallery_pb2.ListUnknownsResponse:  # noqa: ANN001
+        page_size = request.page_size or 20
+        if page_size > 100:
+            raise InvalidArgument(f"page_size {page_size} is over 100")
+        if request.page_token and not _PAGE_TOKEN.match(request.page_token):
+            raise InvalidArgument("page_token was not issued by this server")
+        before = int(request.page_token) if request.page_token else None
+        max_crops = min(request.max_crops, self.engine.config.unknowns.crops_per_unknown)
+        budget = self.engine.config.max_message_bytes // 2  # room for the fields around the pictures
+        records, next_row, total = await asyncio.get_running_loop().run_in_executor(
+            None, self.unknowns.list, before, page_size, max_crops, budget
+        )
+        # Looking at pictures of people who never enrolled is itself recorded.
+        shown = sum(len(r.crops) for r in records)
+        counts = {"unknowns": len(records), "crops": shown}
+        await self._record(_principal(), context, "ListUnknowns", None, "ok", counts, None)
+        return gallery_pb2.ListUnknownsResponse(
+            unknowns=[_unknown_to_proto(r) for r in records],
+            next_page_token="" if next_row is None else str(next_row),
+            total=total,
+        )
+
+    async def EnrollUnknown(self, request, context) -> gallery_pb2.EnrollUnknownResponse:  # noqa: ANN001
+        # The interceptor checked `unknowns` (METHOD_SCOPES); naming someone also enrolls.
+        principal = _principal()
+        if not principal.has("enroll"):
+            method = "/facelink.v1.Gallery/EnrollUnknown"
+            refused = PermissionDenied(f"{principal} lacks the scope 'enroll' that {method} needs")
+            await self._record(principal, context, method, None, "denied", None, refused.message)
+            raise refused
+        most = self.engine.config.max_images_per_enroll
+        limit = min(request.max_crops or most, most)
+
+        def enroll() -> tuple[int, int, int]:
+            crops = self._kept_crops(request.unknown_id, limit)
+            # The server's own crops (128x128 JPEG), decoded as any picture is.
+            faces = [EnrollFace(decode_image(c.jpeg, what=f"crop {i}"), CROP_TEMPLATE.points.copy())
+                     for i, c in enumerate(crops)]
+            added, total, _ = self.engine.enroll(request.identity, faces, replace=request.replace,
+                                                 metadata=dict(request.metadata))
+            try:
+                self.unknowns.forget(request.unknown_id)  # recorded by this call's audit record
+            except UnknownNotFound:  # expired meanwhile: erased all the same
+                pass
+            return added, total, len(faces)
+
+        call = "EnrollUnknown(replace)" if request.replace else "EnrollUnknown"
+        added, total, _ = await self._run(
+            context, call, request.identity, enroll, lambda v: {"pictures": v[2], "added": v[0], "total": v[1]},
+            detail=f"from {printable(request.unknown_id, 32)}",
+        )
+        return gallery_pb2.EnrollUnknownResponse(
+            identity=normalize_identity(request.identity), templates_added=added, templates_total=total,
+            unknown_id=request.unknown_id,
+        )
+
+    async def ForgetUnknown(self, request, context) -> gallery_pb2.ForgetUnknownResponse:  # noqa: ANN001
+        def forget() -> int:
+            self._check_unknown_id(request.unknown_id)
+            try:
+                return self.unknowns.forget(request.unknown_id)
+            except UnknownNotFound:
+                raise NotFound(f"no unknown person '{printable(request.unknown_id, 32)}' is kept") from None
+
+        erased = await self._run(context, "ForgetUnknown", request.unknown_id, forget, lambda n: {"crops": n})
+        return gallery_pb2.ForgetUnknownResponse(unknown_id=request.unknown_id, crops_erased=erased)
+
+    def _kept_crops(self, unknown_id: str, limit: int) -> list[KeptCrop]:
+        self._check_unknown_id(unknown_id)
+        try:
+            crops = self.unknowns.crops(unknown_id, limit)
+        except UnknownNotFound:
+            raise NotFound(f"no unknown person '{printable(unknown_id, 32)}' is kept") from None
+        if not crops:
+            raise FailedPrecondition(f"unknown person {unknown_id} has no crop to enroll")
+        return crops
+
+    @staticmethod
+    def _check_unknown_id(unknown_id: str) -> None:
+        if not valid_id(unknown_id):
+            raise InvalidArgument("unknown_id must be 'u-' and 12 hex digits, as FaceResult.unknown_id")
+
+
+def _jpeg(crop: KeptCrop) -> common_pb2.Image:
+    return common_pb2.Image(format=common_pb2.IMAGE_FORMAT_JPEG, data=crop.jpeg)
+
+
+def _unknown_to_proto(record: UnknownRecord) -> gallery_pb2.UnknownInfo:
+    points = [common_pb2.Point(x=float(x), y=float(y)) for x, y in CROP_TEMPLATE.points]
+    return gallery_pb2.UnknownInfo(
+        unknown_id=record.unknown_id,
+        first_seen_time_us=record.first_seen_us,
+        last_seen_time_us=record.last_seen_us,
+        cameras=record.cameras,
+        sightings=record.sightings,
+        crops=[
+            gallery_pb2.UnknownCrop(image=_jpeg(c), landmarks=common_pb2.Landmarks(points=points), quality=c.quality,
+                                    camera_id=c.camera_id, seen_time_us=c.seen_us)
+            for c in record.crops
+        ],
+        crops_kept=record.crops_kept,
+    )
 
 
 def _gallery_error(error: GalleryError) -> ServiceError:

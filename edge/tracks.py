@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,6 +79,7 @@ class Answer:
     error: str
     capture_time_us: int
     box: tuple[float, float, float, float]
+    unknown_id: str = ""     # the cloud's persistent id of an unknown person ("" if none)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Pooled:
     score: float | None
     error: str | None
     evidence: Answer  # the answer the decision rests on: its box and capture time go in the event
+    unknown_id: str | None = None  # for UNKNOWN: the id most of the track's unknown answers carry
 
 
 def pool(answers: Iterable[Answer]) -> Pooled | None:
@@ -111,7 +114,8 @@ def pool(answers: Iterable[Answer]) -> Pooled | None:
     decided = [a for a in answers if a.decision == _UNKNOWN]
     if decided:
         best = max(decided, key=lambda a: a.score)  # a device principal sees 0: any will do
-        return Pooled(_UNKNOWN, None, best.score, None, best)
+        ids = Counter(a.unknown_id for a in decided if a.unknown_id)
+        return Pooled(_UNKNOWN, None, best.score, None, best, ids.most_common(1)[0][0] if ids else None)
     last = answers[-1]
     return Pooled(_REJECTED, None, None, last.error or "rejected", last)
 
@@ -260,6 +264,7 @@ class TrackBook:
             error=result.error.message,
             capture_time_us=observation.capture_time_us,
             box=(b.x, b.y, b.width, b.height),
+            unknown_id=result.unknown_id,
         )
         with self._lock:
             track = self._tracks.get(observation.track_id)
@@ -321,6 +326,7 @@ class TrackBook:
                 score=pooled.score,
                 shots=track.shots_sent,
                 error=pooled.error if pooled.decision == _REJECTED else None,
+                unknown_id=pooled.unknown_id if pooled.decision == _UNKNOWN else None,
             )
             self.publish(event)
         except Exception:  # a sink's bug or a bad value must not kill the stream thread

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
-_SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, admin"
+_SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, unknowns, admin"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 # -- serve -------------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
     from facelink.cloud.server import InsecureConfigError, serve
-    from facelink.config import BatchingConfig, CloudConfig, CloudSecurity, ServiceLimits
+    from facelink.config import BatchingConfig, CloudConfig, CloudSecurity, ServiceLimits, UnknownsConfig
 
     # Repeatable options left out keep CloudConfig's defaults (auto); `--ensemble none` accepts none.
     chosen = {"gallery_models": args.gallery_model, "ensembles": args.ensemble}
@@ -38,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         limits=ServiceLimits(max_streams=args.max_streams, stream_idle_timeout_s=args.idle_timeout),
         batching=BatchingConfig(max_faces=args.batch, max_delay_ms=args.batch_delay_ms),
+        unknowns=UnknownsConfig(enabled=not args.no_unknowns, retention_days=args.unknowns_retention_days),
         **models,
     )
     try:
@@ -113,6 +114,12 @@ examples:
     load.add_argument("--batch", type=int, default=16, help="faces recognised together at most (default 16)")
     load.add_argument("--batch-delay-ms", type=float, default=2.0,
                       help="how long a face waits for others to fill its batch (default 2 ms)")
+    unknowns = serve.add_argument_group("unknown people (docs/security.md)")
+    unknowns.add_argument("--no-unknowns", action="store_true",
+                          help="keep nothing of faces answered UNKNOWN: no unknown ids, no crops (what is already "
+                               "kept still expires, and can be listed, enrolled or erased)")
+    unknowns.add_argument("--unknowns-retention-days", type=float, default=30.0, metavar="DAYS",
+                          help="erase an unknown person not seen for DAYS (default 30)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
     _add_common(serve)
     serve.set_defaults(func=_serve)
@@ -331,6 +338,122 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknowns_list(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    def when(us: int) -> str:
+        return datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat(timespec="seconds")
+
+    crops = args.crops if args.out else 0
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True, mode=0o700)  # pictures of strangers: private
+    token, total = "", 0
+    with _channel(args) as channel:
+        stub = gallery_pb2_grpc.GalleryStub(channel)
+        while True:
+            page = _rpc(stub.ListUnknowns, gallery_pb2.ListUnknownsRequest(page_size=50, page_token=token, max_crops=crops))
+            for u in page.unknowns:
+                print(f"{u.unknown_id}\t{u.sightings} sighting(s)\tfirst {when(u.first_seen_time_us)}\t"
+                      f"last {when(u.last_seen_time_us)}\t{','.join(u.cameras)}\t{u.crops_kept} crop(s)")
+                for rank, crop in enumerate(u.crops):
+                    _write_private(args.out / f"{u.unknown_id}-{rank}.jpg", crop.image.data)
+            total, token = page.total, page.next_page_token
+            if not token:
+                break
+    print(f"{total} unknown people" + (f"; crops in {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _unknowns_enroll(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    request = gallery_pb2.EnrollUnknownRequest(unknown_id=args.unknown_id, identity=args.identity, replace=args.replace,
+                                               max_crops=args.max_crops)
+    with _channel(args) as channel:
+        reply = _rpc(gallery_pb2_grpc.GalleryStub(channel).EnrollUnknown, request)
+    print(f"enrolled {reply.unknown_id} as {reply.identity!r}: {reply.templates_added} template(s) added, "
+          f"{reply.templates_total} in total; {reply.unknown_id} erased")
+    return 0
+
+
+def _unknowns_forget(args: argparse.Namespace) -> int:
+    from facelink.v1 import gallery_pb2, gallery_pb2_grpc
+
+    with _channel(args) as channel:
+        stub = gallery_pb2_grpc.GalleryStub(channel)
+        ids = list(args.unknown_ids)
+        if args.all:
+            token = ""
+            while True:
+                page = _rpc(stub.ListUnknowns, gallery_pb2.ListUnknownsRequest(page_size=100, page_token=token))
+                ids += [u.unknown_id for u in page.unknowns]
+                token = page.next_page_token
+                if not token:
+                    break
+        for unknown_id in ids:
+            reply = _rpc(stub.ForgetUnknown, gallery_pb2.ForgetUnknownRequest(unknown_id=unknown_id))
+            print(f"erased {reply.unknown_id} ({reply.crops_erased} crop(s))")
+    if not ids:
+        print("nothing to erase", file=sys.stderr)
+    return 0
+
+
+def _add_unknowns(cmds: argparse._SubParsersAction) -> None:
+    from facelink.transport import add_client_security_arguments
+
+    unknowns = cmds.add_parser(
+        "unknowns",
+        help="list unknown people with their best crops, name (enroll) or erase them",
+        formatter_class=_FORMATTER,
+        description="""\
+Faces the server answered UNKNOWN are grouped per person under a persistent id (the unknown_id
+of a result), with when and by which cameras each was seen and a few of its best crops. These
+are pictures of people who never enrolled: every command needs the scope `unknowns`, enroll
+also `enroll`. The server erases a person not seen for its retention period (30 days by
+default; `facelink cloud serve --no-unknowns` keeps none).""",
+        epilog="""\
+examples:
+  facelink cloud unknowns list --server localhost:50051 --token-file ops.token
+  facelink cloud unknowns list --out unknown-crops --crops 3 --token-file ops.token
+  facelink cloud unknowns enroll u-3f9c0a1b2c4d "Ada Lovelace" --token-file ops.token
+  facelink cloud unknowns forget u-3f9c0a1b2c4d --token-file ops.token
+  facelink cloud unknowns forget --all --token-file ops.token""",
+    )
+    sub = unknowns.add_subparsers(dest="unknowns_command", required=True, metavar="{list,enroll,forget}")
+
+    def command(name: str, help_text: str, scopes: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=f"{help_text} (needs the scope(s) {scopes})")
+        p.add_argument("--server", default="localhost:50051", help="host:port of the service (default localhost:50051)")
+        add_client_security_arguments(p)
+        _add_common(p)
+        return p
+
+    listing = command("list", "list unknown people, newest first; with --out, save their best crops", "unknowns")
+    listing.add_argument("--out", type=Path, help="write each one's best crops to this folder (0700) as UNKNOWN_ID-RANK.jpg")
+    listing.add_argument("--crops", type=int, default=3, help="crops per person with --out (default 3)")
+    listing.set_defaults(func=_unknowns_list)
+    enroll = command("enroll", "name an unknown person: enroll its crops as IDENTITY, then erase it", "unknowns, enroll")
+    enroll.add_argument("unknown_id", help="u-... as listed")
+    enroll.add_argument("identity", help="the person's name (new, or an existing identity to add to)")
+    enroll.add_argument("--replace", action="store_true", help="replace the identity's templates instead of adding")
+    enroll.add_argument("--max-crops", type=int, default=0, help="enroll at most this many of the best crops (default all)")
+    enroll.set_defaults(func=_unknowns_enroll)
+    forget = command("forget", "erase unknown people: crops, embedding, cameras and times", "unknowns")
+    forget.add_argument("unknown_ids", nargs="*", metavar="UNKNOWN_ID")
+    forget.add_argument("--all", action="store_true", help="every unknown person the server keeps")
+    forget.set_defaults(func=_unknowns_forget)
+
+
 def _capabilities(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
@@ -379,12 +502,14 @@ examples:
   facelink cloud enroll Ada ada1.jpg ada2.jpg --server localhost:50051 --token-file ops.token
   facelink cloud list --server localhost:50051 --token-file ops.token
   facelink cloud remove Ada --server localhost:50051 --token-file ops.token
+  facelink cloud unknowns list --server localhost:50051 --token-file ops.token
   facelink cloud audit --gallery ./gallery""",
     )
     cmds = cloud.add_subparsers(
-        dest="cloud_command", required=True, metavar="{serve,token,audit,enroll,remove,list,capabilities}"
+        dest="cloud_command", required=True, metavar="{serve,token,audit,enroll,remove,list,unknowns,capabilities}"
     )
     _add_serve(cmds)
     _add_token(cmds)
     _add_audit(cmds)
     _add_clients(cmds)
+    _add_unknowns(cmds)

@@ -336,6 +336,31 @@ class BatchingConfig(_Config):
     inference_workers: int = Field(1, ge=1, description="threads running batches through the recogniser")
 
 
+class UnknownsConfig(_Config):
+    """Unknown people: faces answered UNKNOWN grouped per person under a persistent id, with a
+    few of their best crops, so that someone can name them later (cloud/unknowns.py).
+
+    These are pictures of people who never consented: they are kept in GALLERY/unknowns.sqlite3
+    (0600, erased like the gallery), seen only with the `unknowns` scope, and erased when not
+    seen for `retention_days` (docs/security.md, "Unknown people"). `enabled=False` keeps
+    nothing new; what is already kept is still listed, erased on request and expired.
+    """
+
+    enabled: bool = Field(True, description="keep unknown people (off: FaceResult.unknown_id stays empty)")
+    threshold: float | None = Field(
+        None, ge=-1, le=1,
+        description="cosine to a person's centroid at which a face is that person; None: the recogniser's match threshold",
+    )
+    retention_days: float = Field(30.0, gt=0, description="an unknown person not seen for this long is erased")
+    max_unknowns: int = Field(10_000, ge=1, description="unknown people kept at most; past it the least recently seen is erased")
+    crops_per_unknown: int = Field(5, ge=1, le=32, description="best crops kept per unknown person")
+    purge_interval_s: float = Field(3600.0, gt=0, description="how often the retention period is enforced (and once at start)")
+    track_memory_s: float = Field(
+        30.0, ge=0,
+        description="a track's later faces keep its unknown id for this long even when one of them alone would not match",
+    )
+
+
 class CloudConfig(_Config):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
@@ -367,6 +392,7 @@ class CloudConfig(_Config):
     security: CloudSecurity = CloudSecurity()
     limits: ServiceLimits = ServiceLimits()
     batching: BatchingConfig = BatchingConfig()
+    unknowns: UnknownsConfig = UnknownsConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics on this port")
     metrics_host: str = Field("127.0.0.1", description="address of the metrics endpoint (loopback: scrape it locally)")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)

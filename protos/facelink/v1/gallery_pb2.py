@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facelink.v1 import common_pb2 as facelink_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61\x63\x65link/v1/gallery.proto\x12\x0b\x66\x61\x63\x65link.v1\x1a\x18\x66\x61\x63\x65link/v1/common.proto\"[\n\x0b\x45nrollImage\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.facelink.v1.Image\x12)\n\tlandmarks\x18\x02 \x01(\x0b\x32\x16.facelink.v1.Landmarks\"\xc9\x01\n\rEnrollRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.facelink.v1.EnrollImage\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12:\n\x08metadata\x18\x04 \x03(\x0b\x32(.facelink.v1.EnrollRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0e\x45nrollResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x17\n\x0ftemplates_added\x18\x02 \x01(\r\x12\x17\n\x0ftemplates_total\x18\x03 \x01(\r\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x10.facelink.v1.Box\")\n\x15RemoveIdentityRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"E\n\x16RemoveIdentityResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x19\n\x11templates_removed\x18\x02 \x01(\r\">\n\x15ListIdentitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb8\x01\n\x0cIdentityInfo\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x11\n\ttemplates\x18\x02 \x01(\r\x12\x17\n\x0f\x63reated_time_us\x18\x03 \x01(\x03\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.facelink.v1.IdentityInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x16ListIdentitiesResponse\x12-\n\nidentities\x18\x01 \x03(\x0b\x32\x19.facelink.v1.IdentityInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\r2\x82\x02\n\x07Gallery\x12\x41\n\x06\x45nroll\x12\x1a.facelink.v1.EnrollRequest\x1a\x1b.facelink.v1.EnrollResponse\x12Y\n\x0eRemoveIdentity\x12\".facelink.v1.RemoveIdentityRequest\x1a#.facelink.v1.RemoveIdentityResponse\x12Y\n\x0eListIdentities\x12\".facelink.v1.ListIdentitiesRequest\x1a#.facelink.v1.ListIdentitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61\x63\x65link/v1/gallery.proto\x12\x0b\x66\x61\x63\x65link.v1\x1a\x18\x66\x61\x63\x65link/v1/common.proto\"[\n\x0b\x45nrollImage\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.facelink.v1.Image\x12)\n\tlandmarks\x18\x02 \x01(\x0b\x32\x16.facelink.v1.Landmarks\"\xc9\x01\n\rEnrollRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12(\n\x06images\x18\x02 \x03(\x0b\x32\x18.facelink.v1.EnrollImage\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12:\n\x08metadata\x18\x04 \x03(\x0b\x32(.facelink.v1.EnrollRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0e\x45nrollResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x17\n\x0ftemplates_added\x18\x02 \x01(\r\x12\x17\n\x0ftemplates_total\x18\x03 \x01(\r\x12\x1f\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x10.facelink.v1.Box\")\n\x15RemoveIdentityRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\"E\n\x16RemoveIdentityResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x19\n\x11templates_removed\x18\x02 \x01(\r\">\n\x15ListIdentitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"\xb8\x01\n\x0cIdentityInfo\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x11\n\ttemplates\x18\x02 \x01(\r\x12\x17\n\x0f\x63reated_time_us\x18\x03 \x01(\x03\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.facelink.v1.IdentityInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x16ListIdentitiesResponse\x12-\n\nidentities\x18\x01 \x03(\x0b\x32\x19.facelink.v1.IdentityInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\r\"O\n\x13ListUnknownsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tmax_crops\x18\x03 \x01(\r\"\x95\x01\n\x0bUnknownCrop\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.facelink.v1.Image\x12)\n\tlandmarks\x18\x02 \x01(\x0b\x32\x16.facelink.v1.Landmarks\x12\x0f\n\x07quality\x18\x03 \x01(\x02\x12\x11\n\tcamera_id\x18\x04 \x01(\t\x12\x14\n\x0cseen_time_us\x18\x05 \x01(\x03\"\xb9\x01\n\x0bUnknownInfo\x12\x12\n\nunknown_id\x18\x01 \x01(\t\x12\x1a\n\x12\x66irst_seen_time_us\x18\x02 \x01(\x03\x12\x19\n\x11last_seen_time_us\x18\x03 \x01(\x03\x12\x0f\n\x07\x63\x61meras\x18\x04 \x03(\t\x12\x11\n\tsightings\x18\x05 \x01(\r\x12\'\n\x05\x63rops\x18\x06 \x03(\x0b\x32\x18.facelink.v1.UnknownCrop\x12\x12\n\ncrops_kept\x18\x07 \x01(\r\"j\n\x14ListUnknownsResponse\x12*\n\x08unknowns\x18\x01 \x03(\x0b\x32\x18.facelink.v1.UnknownInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\r\"\xd4\x01\n\x14\x45nrollUnknownRequest\x12\x12\n\nunknown_id\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\x41\n\x08metadata\x18\x04 \x03(\x0b\x32/.facelink.v1.EnrollUnknownRequest.MetadataEntry\x12\x11\n\tmax_crops\x18\x05 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x15\x45nrollUnknownResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x17\n\x0ftemplates_added\x18\x02 \x01(\r\x12\x17\n\x0ftemplates_total\x18\x03 \x01(\r\x12\x12\n\nunknown_id\x18\x04 \x01(\t\"*\n\x14\x46orgetUnknownRequest\x12\x12\n\nunknown_id\x18\x01 \x01(\t\"A\n\x15\x46orgetUnknownResponse\x12\x12\n\nunknown_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63rops_erased\x18\x02 \x01(\r2\x87\x04\n\x07Gallery\x12\x41\n\x06\x45nroll\x12\x1a.facelink.v1.EnrollRequest\x1a\x1b.facelink.v1.EnrollResponse\x12Y\n\x0eRemoveIdentity\x12\".facelink.v1.RemoveIdentityRequest\x1a#.facelink.v1.RemoveIdentityResponse\x12Y\n\x0eListIdentities\x12\".facelink.v1.ListIdentitiesRequest\x1a#.facelink.v1.ListIdentitiesResponse\x12S\n\x0cListUnknowns\x12 .facelink.v1.ListUnknownsRequest\x1a!.facelink.v1.ListUnknownsResponse\x12V\n\rEnrollUnknown\x12!.facelink.v1.EnrollUnknownRequest\x1a\".facelink.v1.EnrollUnknownResponse\x12V\n\rForgetUnknown\x12!.facelink.v1.ForgetUnknownRequest\x1a\".facelink.v1.ForgetUnknownResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_IDENTITYINFO_METADATAENTRY']._loaded_options = None
   _globals['_IDENTITYINFO_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_ENROLLUNKNOWNREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_ENROLLUNKNOWNREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ENROLLIMAGE']._serialized_start=68
   _globals['_ENROLLIMAGE']._serialized_end=159
   _globals['_ENROLLREQUEST']._serialized_start=162
@@ -56,6 +58,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTITYINFO_METADATAENTRY']._serialized_end=363
   _globals['_LISTIDENTITIESRESPONSE']._serialized_start=849
   _globals['_LISTIDENTITIESRESPONSE']._serialized_end=960
-  _globals['_GALLERY']._serialized_start=963
-  _globals['_GALLERY']._serialized_end=1221
+  _globals['_LISTUNKNOWNSREQUEST']._serialized_start=962
+  _globals['_LISTUNKNOWNSREQUEST']._serialized_end=1041
+  _globals['_UNKNOWNCROP']._serialized_start=1044
+  _globals['_UNKNOWNCROP']._serialized_end=1193
+  _globals['_UNKNOWNINFO']._serialized_start=1196
+  _globals['_UNKNOWNINFO']._serialized_end=1381
+  _globals['_LISTUNKNOWNSRESPONSE']._serialized_start=1383
+  _globals['_LISTUNKNOWNSRESPONSE']._serialized_end=1489
+  _globals['_ENROLLUNKNOWNREQUEST']._serialized_start=1492
+  _globals['_ENROLLUNKNOWNREQUEST']._serialized_end=1704
+  _globals['_ENROLLUNKNOWNREQUEST_METADATAENTRY']._serialized_start=316
+  _globals['_ENROLLUNKNOWNREQUEST_METADATAENTRY']._serialized_end=363
+  _globals['_ENROLLUNKNOWNRESPONSE']._serialized_start=1706
+  _globals['_ENROLLUNKNOWNRESPONSE']._serialized_end=1817
+  _globals['_FORGETUNKNOWNREQUEST']._serialized_start=1819
+  _globals['_FORGETUNKNOWNREQUEST']._serialized_end=1861
+  _globals['_FORGETUNKNOWNRESPONSE']._serialized_start=1863
+  _globals['_FORGETUNKNOWNRESPONSE']._serialized_end=1928
+  _globals['_GALLERY']._serialized_start=1931
+  _globals['_GALLERY']._serialized_end=2450
 # @@protoc_insertion_point(module_scope)

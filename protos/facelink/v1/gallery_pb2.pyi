@@ -96,3 +96,102 @@ class ListIdentitiesResponse(_message.Message):
     next_page_token: str
     total: int
     def __init__(self, identities: _Optional[_Iterable[_Union[IdentityInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ListUnknownsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "max_crops")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_CROPS_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    max_crops: int
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., max_crops: _Optional[int] = ...) -> None: ...
+
+class UnknownCrop(_message.Message):
+    __slots__ = ("image", "landmarks", "quality", "camera_id", "seen_time_us")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    SEEN_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    image: _common_pb2.Image
+    landmarks: _common_pb2.Landmarks
+    quality: float
+    camera_id: str
+    seen_time_us: int
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., landmarks: _Optional[_Union[_common_pb2.Landmarks, _Mapping]] = ..., quality: _Optional[float] = ..., camera_id: _Optional[str] = ..., seen_time_us: _Optional[int] = ...) -> None: ...
+
+class UnknownInfo(_message.Message):
+    __slots__ = ("unknown_id", "first_seen_time_us", "last_seen_time_us", "cameras", "sightings", "crops", "crops_kept")
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_FIELD_NUMBER: _ClassVar[int]
+    SIGHTINGS_FIELD_NUMBER: _ClassVar[int]
+    CROPS_FIELD_NUMBER: _ClassVar[int]
+    CROPS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    unknown_id: str
+    first_seen_time_us: int
+    last_seen_time_us: int
+    cameras: _containers.RepeatedScalarFieldContainer[str]
+    sightings: int
+    crops: _containers.RepeatedCompositeFieldContainer[UnknownCrop]
+    crops_kept: int
+    def __init__(self, unknown_id: _Optional[str] = ..., first_seen_time_us: _Optional[int] = ..., last_seen_time_us: _Optional[int] = ..., cameras: _Optional[_Iterable[str]] = ..., sightings: _Optional[int] = ..., crops: _Optional[_Iterable[_Union[UnknownCrop, _Mapping]]] = ..., crops_kept: _Optional[int] = ...) -> None: ...
+
+class ListUnknownsResponse(_message.Message):
+    __slots__ = ("unknowns", "next_page_token", "total")
+    UNKNOWNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    unknowns: _containers.RepeatedCompositeFieldContainer[UnknownInfo]
+    next_page_token: str
+    total: int
+    def __init__(self, unknowns: _Optional[_Iterable[_Union[UnknownInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
+class EnrollUnknownRequest(_message.Message):
+    __slots__ = ("unknown_id", "identity", "replace", "metadata", "max_crops")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    MAX_CROPS_FIELD_NUMBER: _ClassVar[int]
+    unknown_id: str
+    identity: str
+    replace: bool
+    metadata: _containers.ScalarMap[str, str]
+    max_crops: int
+    def __init__(self, unknown_id: _Optional[str] = ..., identity: _Optional[str] = ..., replace: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ..., max_crops: _Optional[int] = ...) -> None: ...
+
+class EnrollUnknownResponse(_message.Message):
+    __slots__ = ("identity", "templates_added", "templates_total", "unknown_id")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATES_ADDED_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    templates_added: int
+    templates_total: int
+    unknown_id: str
+    def __init__(self, identity: _Optional[str] = ..., templates_added: _Optional[int] = ..., templates_total: _Optional[int] = ..., unknown_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUnknownRequest(_message.Message):
+    __slots__ = ("unknown_id",)
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
+    unknown_id: str
+    def __init__(self, unknown_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUnknownResponse(_message.Message):
+    __slots__ = ("unknown_id", "crops_erased")
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
+    CROPS_ERASED_FIELD_NUMBER: _ClassVar[int]
+    unknown_id: str
+    crops_erased: int
+    def __init__(self, unknown_id: _Optional[str] = ..., crops_erased: _Optional[int] = ...) -> None: ...

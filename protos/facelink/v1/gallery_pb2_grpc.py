@@ -28,7 +28,8 @@ if _version_not_supported:
 class GalleryStub:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
     Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
-    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    ListIdentities `read`; ListUnknowns and ForgetUnknown `unknowns`, EnrollUnknown both
+    `unknowns` and `enroll`. Every change, and every refused call, is recorded in the server's
     audit log with the principal.
     """
 
@@ -53,12 +54,28 @@ class GalleryStub:
                 request_serializer=facelink_dot_v1_dot_gallery__pb2.ListIdentitiesRequest.SerializeToString,
                 response_deserializer=facelink_dot_v1_dot_gallery__pb2.ListIdentitiesResponse.FromString,
                 _registered_method=True)
+        self.ListUnknowns = channel.unary_unary(
+                '/facelink.v1.Gallery/ListUnknowns',
+                request_serializer=facelink_dot_v1_dot_gallery__pb2.ListUnknownsRequest.SerializeToString,
+                response_deserializer=facelink_dot_v1_dot_gallery__pb2.ListUnknownsResponse.FromString,
+                _registered_method=True)
+        self.EnrollUnknown = channel.unary_unary(
+                '/facelink.v1.Gallery/EnrollUnknown',
+                request_serializer=facelink_dot_v1_dot_gallery__pb2.EnrollUnknownRequest.SerializeToString,
+                response_deserializer=facelink_dot_v1_dot_gallery__pb2.EnrollUnknownResponse.FromString,
+                _registered_method=True)
+        self.ForgetUnknown = channel.unary_unary(
+                '/facelink.v1.Gallery/ForgetUnknown',
+                request_serializer=facelink_dot_v1_dot_gallery__pb2.ForgetUnknownRequest.SerializeToString,
+                response_deserializer=facelink_dot_v1_dot_gallery__pb2.ForgetUnknownResponse.FromString,
+                _registered_method=True)
 
 
 class GalleryServicer:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
     Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
-    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    ListIdentities `read`; ListUnknowns and ForgetUnknown `unknowns`, EnrollUnknown both
+    `unknowns` and `enroll`. Every change, and every refused call, is recorded in the server's
     audit log with the principal.
     """
 
@@ -88,6 +105,38 @@ class GalleryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUnknowns(self, request, context):
+        """Unknown people: faces the server answered DECISION_UNKNOWN are grouped per person (the
+        FaceResult's `unknown_id`), each with when and by which cameras it was seen and a few of
+        its best crops, so that someone can be named later from what the cameras saw. These are
+        pictures of people who never enrolled: the `unknowns` scope is needed to see them, and
+        the server erases a person not seen for its retention period (30 days by default).
+
+        Lists unknown people, the most recently first seen first, a page at a time. A page may
+        hold fewer than `page_size` entries when their crops would make the response too large.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollUnknown(self, request, context):
+        """Names an unknown person: its kept crops are enrolled as pictures of `identity` (a new
+        identity, or added to an existing one) exactly as Enroll would enroll them, then the
+        unknown person and its crops are erased. NOT_FOUND if `unknown_id` is not kept (never
+        was, erased, or enrolled already); the Enroll errors otherwise, with nothing changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUnknown(self, request, context):
+        """Erases an unknown person: its crops, its embedding, its cameras and times, with nothing
+        left readable in the server's files. NOT_FOUND if it is not kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GalleryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +155,21 @@ def add_GalleryServicer_to_server(servicer, server):
                     request_deserializer=facelink_dot_v1_dot_gallery__pb2.ListIdentitiesRequest.FromString,
                     response_serializer=facelink_dot_v1_dot_gallery__pb2.ListIdentitiesResponse.SerializeToString,
             ),
+            'ListUnknowns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUnknowns,
+                    request_deserializer=facelink_dot_v1_dot_gallery__pb2.ListUnknownsRequest.FromString,
+                    response_serializer=facelink_dot_v1_dot_gallery__pb2.ListUnknownsResponse.SerializeToString,
+            ),
+            'EnrollUnknown': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollUnknown,
+                    request_deserializer=facelink_dot_v1_dot_gallery__pb2.EnrollUnknownRequest.FromString,
+                    response_serializer=facelink_dot_v1_dot_gallery__pb2.EnrollUnknownResponse.SerializeToString,
+            ),
+            'ForgetUnknown': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUnknown,
+                    request_deserializer=facelink_dot_v1_dot_gallery__pb2.ForgetUnknownRequest.FromString,
+                    response_serializer=facelink_dot_v1_dot_gallery__pb2.ForgetUnknownResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'facelink.v1.Gallery', rpc_method_handlers)
@@ -117,7 +181,8 @@ def add_GalleryServicer_to_server(servicer, server):
 class Gallery:
     """Gallery: the people the server can name. Enrollment is durable: it survives restarts.
     Scopes (see Recognition for credentials): Enroll needs `enroll`, RemoveIdentity `remove`,
-    ListIdentities `read`. Every change, and every refused call, is recorded in the server's
+    ListIdentities `read`; ListUnknowns and ForgetUnknown `unknowns`, EnrollUnknown both
+    `unknowns` and `enroll`. Every change, and every refused call, is recorded in the server's
     audit log with the principal.
     """
 
@@ -192,6 +257,87 @@ class Gallery:
             '/facelink.v1.Gallery/ListIdentities',
             facelink_dot_v1_dot_gallery__pb2.ListIdentitiesRequest.SerializeToString,
             facelink_dot_v1_dot_gallery__pb2.ListIdentitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUnknowns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facelink.v1.Gallery/ListUnknowns',
+            facelink_dot_v1_dot_gallery__pb2.ListUnknownsRequest.SerializeToString,
+            facelink_dot_v1_dot_gallery__pb2.ListUnknownsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollUnknown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facelink.v1.Gallery/EnrollUnknown',
+            facelink_dot_v1_dot_gallery__pb2.EnrollUnknownRequest.SerializeToString,
+            facelink_dot_v1_dot_gallery__pb2.EnrollUnknownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUnknown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facelink.v1.Gallery/ForgetUnknown',
+            facelink_dot_v1_dot_gallery__pb2.ForgetUnknownRequest.SerializeToString,
+            facelink_dot_v1_dot_gallery__pb2.ForgetUnknownResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from facelink.v1 import common_pb2 as facelink_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x63\x65link/v1/recognition.proto\x12\x0b\x66\x61\x63\x65link.v1\x1a\x18\x66\x61\x63\x65link/v1/common.proto\"\x93\x03\n\x0f\x46\x61\x63\x65Observation\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rame_sequence\x18\x02 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x03 \x01(\x03\x12\x10\n\x08track_id\x18\x04 \x01(\r\x12\x12\n\nface_index\x18\x05 \x01(\r\x12\x1d\n\x03\x62ox\x18\x06 \x01(\x0b\x32\x10.facelink.v1.Box\x12)\n\tlandmarks\x18\x07 \x01(\x0b\x32\x16.facelink.v1.Landmarks\x12\x31\n\x11payload_landmarks\x18\x08 \x01(\x0b\x32\x16.facelink.v1.Landmarks\x12(\n\x04\x66\x61\x63\x65\x18\n \x01(\x0b\x32\x18.facelink.v1.EncodedFaceH\x00\x12+\n\tembedding\x18\x0b \x01(\x0b\x32\x16.facelink.v1.EmbeddingH\x00\x12#\n\x05image\x18\x0c \x01(\x0b\x32\x12.facelink.v1.ImageH\x00\x12\x12\n\nrequest_id\x18\x14 \x01(\x04\x42\t\n\x07payload\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x02\n\nFaceResult\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rame_sequence\x18\x02 \x01(\x04\x12\x10\n\x08track_id\x18\x03 \x01(\r\x12\x12\n\nface_index\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\'\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x15.facelink.v1.Decision\x12\x10\n\x08identity\x18\x07 \x01(\t\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\tthreshold\x18\t \x01(\x02\x12\x10\n\x08model_id\x18\n \x01(\t\x12\x19\n\x11server_latency_us\x18\x0b \x01(\r\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.facelink.v1.Error\"\x18\n\x16GetCapabilitiesRequest\"D\n\tCodecInfo\x12\x10\n\x08\x63odec_id\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"a\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"u\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_payload_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15max_images_per_enroll\x18\x03 \x01(\r\x12\x16\n\x0emax_image_side\x18\x04 \x01(\r\"\xfa\x01\n\x0c\x43\x61pabilities\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12&\n\x06\x63odecs\x18\x03 \x03(\x0b\x32\x16.facelink.v1.CodecInfo\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.facelink.v1.ModelInfo\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.facelink.v1.Limits\x12\x17\n\x0fmatch_threshold\x18\x06 \x01(\x02\x12/\n\rimage_formats\x18\x07 \x03(\x0e\x32\x18.facelink.v1.ImageFormat*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_MATCH\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_UNKNOWN\x10\x02\x12\x15\n\x11\x44\x45\x43ISION_REJECTED\x10\x03\x32\xa8\x01\n\x0bRecognition\x12\x46\n\tRecognize\x12\x1c.facelink.v1.FaceObservation\x1a\x17.facelink.v1.FaceResult(\x01\x30\x01\x12Q\n\x0fGetCapabilities\x12#.facelink.v1.GetCapabilitiesRequest\x1a\x19.facelink.v1.Capabilitiesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x63\x65link/v1/recognition.proto\x12\x0b\x66\x61\x63\x65link.v1\x1a\x18\x66\x61\x63\x65link/v1/common.proto\"\x93\x03\n\x0f\x46\x61\x63\x65Observation\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rame_sequence\x18\x02 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x03 \x01(\x03\x12\x10\n\x08track_id\x18\x04 \x01(\r\x12\x12\n\nface_index\x18\x05 \x01(\r\x12\x1d\n\x03\x62ox\x18\x06 \x01(\x0b\x32\x10.facelink.v1.Box\x12)\n\tlandmarks\x18\x07 \x01(\x0b\x32\x16.facelink.v1.Landmarks\x12\x31\n\x11payload_landmarks\x18\x08 \x01(\x0b\x32\x16.facelink.v1.Landmarks\x12(\n\x04\x66\x61\x63\x65\x18\n \x01(\x0b\x32\x18.facelink.v1.EncodedFaceH\x00\x12+\n\tembedding\x18\x0b \x01(\x0b\x32\x16.facelink.v1.EmbeddingH\x00\x12#\n\x05image\x18\x0c \x01(\x0b\x32\x12.facelink.v1.ImageH\x00\x12\x12\n\nrequest_id\x18\x14 \x01(\x04\x42\t\n\x07payload\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb2\x02\n\nFaceResult\x12\x11\n\tcamera_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66rame_sequence\x18\x02 \x01(\x04\x12\x10\n\x08track_id\x18\x03 \x01(\r\x12\x12\n\nface_index\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\'\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0e\x32\x15.facelink.v1.Decision\x12\x10\n\x08identity\x18\x07 \x01(\t\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\tthreshold\x18\t \x01(\x02\x12\x10\n\x08model_id\x18\n \x01(\t\x12\x19\n\x11server_latency_us\x18\x0b \x01(\r\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.facelink.v1.Error\x12\x12\n\nunknown_id\x18\r \x01(\t\"\x18\n\x16GetCapabilitiesRequest\"D\n\tCodecInfo\x12\x10\n\x08\x63odec_id\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"a\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\r\n\x05input\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"u\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_payload_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15max_images_per_enroll\x18\x03 \x01(\r\x12\x16\n\x0emax_image_side\x18\x04 \x01(\r\"\xfa\x01\n\x0c\x43\x61pabilities\x12\x13\n\x0b\x61pi_version\x18\x01 \x01(\t\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12&\n\x06\x63odecs\x18\x03 \x03(\x0b\x32\x16.facelink.v1.CodecInfo\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.facelink.v1.ModelInfo\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.facelink.v1.Limits\x12\x17\n\x0fmatch_threshold\x18\x06 \x01(\x02\x12/\n\rimage_formats\x18\x07 \x03(\x0e\x32\x18.facelink.v1.ImageFormat*e\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_MATCH\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_UNKNOWN\x10\x02\x12\x15\n\x11\x44\x45\x43ISION_REJECTED\x10\x03\x32\xa8\x01\n\x0bRecognition\x12\x46\n\tRecognize\x12\x1c.facelink.v1.FaceObservation\x1a\x17.facelink.v1.FaceResult(\x01\x30\x01\x12Q\n\x0fGetCapabilities\x12#.facelink.v1.GetCapabilitiesRequest\x1a\x19.facelink.v1.Capabilitiesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facelink.v1.recognition_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1374
-  _globals['_DECISION']._serialized_end=1475
+  _globals['_DECISION']._serialized_start=1394
+  _globals['_DECISION']._serialized_end=1495
   _globals['_FACEOBSERVATION']._serialized_start=73
   _globals['_FACEOBSERVATION']._serialized_end=476
   _globals['_ERROR']._serialized_start=478
   _globals['_ERROR']._serialized_end=516
   _globals['_FACERESULT']._serialized_start=519
-  _globals['_FACERESULT']._serialized_end=805
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=807
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=831
-  _globals['_CODECINFO']._serialized_start=833
-  _globals['_CODECINFO']._serialized_end=901
-  _globals['_MODELINFO']._serialized_start=903
-  _globals['_MODELINFO']._serialized_end=1000
-  _globals['_LIMITS']._serialized_start=1002
-  _globals['_LIMITS']._serialized_end=1119
-  _globals['_CAPABILITIES']._serialized_start=1122
-  _globals['_CAPABILITIES']._serialized_end=1372
-  _globals['_RECOGNITION']._serialized_start=1478
-  _globals['_RECOGNITION']._serialized_end=1646
+  _globals['_FACERESULT']._serialized_end=825
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=827
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=851
+  _globals['_CODECINFO']._serialized_start=853
+  _globals['_CODECINFO']._serialized_end=921
+  _globals['_MODELINFO']._serialized_start=923
+  _globals['_MODELINFO']._serialized_end=1020
+  _globals['_LIMITS']._serialized_start=1022
+  _globals['_LIMITS']._serialized_end=1139
+  _globals['_CAPABILITIES']._serialized_start=1142
+  _globals['_CAPABILITIES']._serialized_end=1392
+  _globals['_RECOGNITION']._serialized_start=1498
+  _globals['_RECOGNITION']._serialized_end=1666
 # @@protoc_insertion_point(module_scope)

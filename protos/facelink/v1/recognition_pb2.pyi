@@ -56,7 +56,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FaceResult(_message.Message):
-    __slots__ = ("camera_id", "frame_sequence", "track_id", "face_index", "request_id", "decision", "identity", "score", "threshold", "model_id", "server_latency_us", "error")
+    __slots__ = ("camera_id", "frame_sequence", "track_id", "face_index", "request_id", "decision", "identity", "score", "threshold", "model_id", "server_latency_us", "error", "unknown_id")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TRACK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class FaceResult(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ID_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     frame_sequence: int
     track_id: int
@@ -81,7 +82,8 @@ class FaceResult(_message.Message):
     model_id: str
     server_latency_us: int
     error: Error
-    def __init__(self, camera_id: _Optional[str] = ..., frame_sequence: _Optional[int] = ..., track_id: _Optional[int] = ..., face_index: _Optional[int] = ..., request_id: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., identity: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., model_id: _Optional[str] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    unknown_id: str
+    def __init__(self, camera_id: _Optional[str] = ..., frame_sequence: _Optional[int] = ..., track_id: _Optional[int] = ..., face_index: _Optional[int] = ..., request_id: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., identity: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., model_id: _Optional[str] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., unknown_id: _Optional[str] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()
