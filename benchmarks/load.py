@@ -125,6 +125,11 @@ class ServerProcess:
                     time.sleep(0.2)
         raise TimeoutError("the server did not start")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def memory(self) -> tuple[int, int]:
         """(current, peak) resident bytes of the server process."""
         fields = {}
@@ -153,6 +158,8 @@ class StreamRun:
     errors: list[str]
     health_ms: list[float]
     rss_peak: int
+    server_cpu_s: float      # CPU time the server spent during the row
+    client_cpu_s: float      # CPU time of this process (the load generator) during the row
 
 
 async def _device(address: str, token: str, probes: list[bytes], window: int, until: float,
@@ -212,6 +219,7 @@ async def _run_streams(server: ServerProcess, tokens: list[str], probes: list[by
     peak = 0
     until = time.monotonic() + seconds
     started = time.perf_counter()
+    server_cpu, client_cpu = server.cpu_seconds(), _own_cpu_seconds()
     devices = [
         asyncio.create_task(_device(server.address, tokens[i], probes, window, until, latencies, counts, errors, i * 7))
         for i in range(streams)
@@ -222,13 +230,21 @@ async def _run_streams(server: ServerProcess, tokens: list[str], probes: list[by
         await asyncio.sleep(0.2)
     await prober
     return StreamRun(streams, counts["faces"], time.perf_counter() - started, latencies, counts["rejected"], errors,
-                     health, max(peak, server.memory()[0]))
+                     health, max(peak, server.memory()[0]), server.cpu_seconds() - server_cpu,
+                     _own_cpu_seconds() - client_cpu)
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 # -- the in-process ceiling --------------------------------------------------------------------
-def engine_ceiling(gallery_dir: Path, probes: list[bytes], batches: tuple[int, ...], faces: int) -> dict[int, float]:
-    """Faces a second of the engine alone: decode, align, recognise in batches, search, on a pool
-    of as many threads as cores, for each batch size."""
+def engine_ceiling(
+    gallery_dir: Path, probes: list[bytes], batches: tuple[int, ...], faces: int
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Faces a second of the engine alone, and its CPU ms a face: decode, align, recognise in
+    batches, search, on a pool of as many threads as cores, for each batch size."""
     from facelink.cloud.engine import RecognitionEngine
     from facelink.cloud.gallery import Gallery
     from facelink.config import CloudConfig
@@ -249,17 +265,19 @@ def engine_ceiling(gallery_dir: Path, probes: list[bytes], batches: tuple[int, .
             crops.append(engine.align(image, engine.locate_face(image, landmarks, "probe")[0]))
         return len(engine.identify_aligned(np.stack(crops)))
 
-    rates = {}
+    rates: dict[int, float] = {}
+    cpu_ms: dict[int, float] = {}
     workers = reporting.cpu_count()
     for batch in batches:
         work = [[observations[(i + j) % len(observations)] for j in range(batch)] for i in range(0, faces, batch)]
         chunk(work[0])  # warm up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _own_cpu_seconds()
         with ThreadPoolExecutor(workers) as pool:
             done = sum(pool.map(chunk, work))
         rates[batch] = done / (time.perf_counter() - started)
+        cpu_ms[batch] = (_own_cpu_seconds() - cpu) / done * 1000
     engine.gallery.close()
-    return rates
+    return rates, cpu_ms
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
             rss_peak_all = server.memory()[1]
         finally:
             server.stop()
-        ceiling = engine_ceiling(gallery_dir, workload.probes, tuple(args.batches), args.engine_faces)
+        ceiling, ceiling_cpu_ms = engine_ceiling(gallery_dir, workload.probes, tuple(args.batches), args.engine_faces)
     best_batch, best_rate = max(ceiling.items(), key=lambda kv: kv[1])
 
     def summary(r: StreamRun) -> dict:
@@ -323,6 +341,11 @@ def run(args: argparse.Namespace) -> dict:
             "health_checks": len(r.health_ms), "rejected": r.rejected, "stream_errors": r.errors[:5],
             "streams_failed": len(r.errors), "server_rss_peak_mb": round(r.rss_peak / 2**20, 1),
             "vs_engine": round(r.faces / r.seconds / best_rate, 3),
+            # Where the CPU went: the server's per face (to compare with the engine's), and the
+            # load generator's, which shares this machine's cores with the server.
+            "server_cpu_ms_per_face": round(r.server_cpu_s / max(r.faces, 1) * 1000, 2),
+            "client_cpu_ms_per_face": round(r.client_cpu_s / max(r.faces, 1) * 1000, 2),
+            "cpu_busy_cores": round((r.server_cpu_s + r.client_cpu_s) / r.seconds, 2),
         }
 
     return {
@@ -337,20 +360,24 @@ def run(args: argparse.Namespace) -> dict:
         "flood_worst_case": summary(flood) if flood else None,
         "server_rss_peak_mb_whole_run": round(rss_peak_all / 2**20, 1),
         "engine_in_process": {"faces_per_s_by_batch": {str(k): round(v, 1) for k, v in ceiling.items()},
+                              "cpu_ms_per_face_by_batch": {str(k): round(v, 2) for k, v in ceiling_cpu_ms.items()},
                               "best_batch": best_batch, "best_faces_per_s": round(best_rate, 1)},
     }
 
 
 def format_report(payload: dict) -> str:
-    header = ["streams", "faces/s", "x engine", "p50 ms", "p99 ms", "health p99 ms", "rejected", "failed", "server RSS MB"]
+    header = ["streams", "faces/s", "x engine", "p50 ms", "p99 ms", "health p99 ms", "rejected", "failed",
+              "server RSS MB", "server CPU ms/face", "load gen CPU ms/face"]
     rows = [[str(r["streams"]), f"{r['faces_per_s']:.1f}", f"{r['vs_engine']:.2f}", f"{r['latency_ms_p50']:.0f}",
              f"{r['latency_ms_p99']:.0f}", f"{r['health_ms_p99']:.1f}", str(r["rejected"]), str(r["streams_failed"]),
-             f"{r['server_rss_peak_mb']:.0f}"] for r in payload["streams"]]
+             f"{r['server_rss_peak_mb']:.0f}", f"{r['server_cpu_ms_per_face']:.1f}", f"{r['client_cpu_ms_per_face']:.1f}"]
+            for r in payload["streams"]]
     if payload["flood_worst_case"]:
         f = payload["flood_worst_case"]
         rows.append([f"{f['streams']} (worst-case flood)", f"{f['faces_per_s']:.1f}", "-", f"{f['latency_ms_p50']:.0f}",
                      f"{f['latency_ms_p99']:.0f}", f"{f['health_ms_p99']:.1f}", str(f["rejected"]), str(f["streams_failed"]),
-                     f"{f['server_rss_peak_mb']:.0f}"])
+                     f"{f['server_rss_peak_mb']:.0f}", f"{f['server_cpu_ms_per_face']:.1f}",
+                     f"{f['client_cpu_ms_per_face']:.1f}"])
     engine = payload["engine_in_process"]
     lines = [
         f"command: {payload['command']}",
@@ -363,7 +390,8 @@ def format_report(payload: dict) -> str:
         *reporting.markdown_table(header, rows),
         "",
         f"in-process engine (no gRPC), best of batch sizes {', '.join(engine['faces_per_s_by_batch'])}: "
-        f"{engine['best_faces_per_s']:.1f} faces/s at batch {engine['best_batch']}",
+        f"{engine['best_faces_per_s']:.1f} faces/s at batch {engine['best_batch']} "
+        f"({engine['cpu_ms_per_face_by_batch'][str(engine['best_batch'])]:.1f} CPU ms a face)",
         f"server peak RSS over the whole run: {payload['server_rss_peak_mb_whole_run']:.0f} MB",
     ]
     return "\n".join(lines)
