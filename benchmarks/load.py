@@ -102,11 +102,11 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, gallery_dir: Path, max_streams: int) -> None:
+    def __init__(self, gallery_dir: Path, max_streams: int, extra: list[str] = ()) -> None:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "facelink.cli", "cloud", "serve", "--gallery", str(gallery_dir),
-                   "--port", str(self.port), "--max-streams", str(max_streams)]
+                   "--port", str(self.port), "--max-streams", str(max_streams), *extra]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
         store = AuthStore(gallery_dir / "auth.json")
         admin = store.create_token("bench-admin", ["enroll"])[1]
         tokens = [store.create_token(f"bench-device-{i}", ["recognize"])[1] for i in range(max_streams)]
-        server = ServerProcess(gallery_dir, max_streams)
+        server = ServerProcess(gallery_dir, max_streams, shlex.split(args.serve_args))
         try:
             server.wait_ready()
             with client_channel(server.address, ClientSecurity(token=SecretStr(admin))) as channel:
@@ -407,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16], help="engine batch sizes to try")
     parser.add_argument("--engine-faces", type=int, default=1000, help="faces per engine measurement (default 1000)")
     parser.add_argument("--data", help="LFW folder (default: ../shared)")
+    parser.add_argument("--serve-args", default="", help="more options for `facelink cloud serve`, e.g. '--workers 2 --batch 8'")
     parser.add_argument("--json", type=Path, default=reporting.RESULTS_DIR / "load.json", help="where to write the results")
     return parser
 

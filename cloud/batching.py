@@ -1,10 +1,11 @@
 """Dynamic batching: faces from every stream recognised together.
 
-Each stream hands over aligned crops one at a time; the batcher gathers them until a batch
-holds `max_faces` or its first face has waited `max_delay_ms`, then runs the whole batch
-through the recogniser and the gallery search in a worker thread - the scheme of Triton's
-dynamic batcher. The event loop never runs a model: it only moves crops and futures, so health
-checks and gallery calls are answered while every stream is busy.
+Each stream hands over its faces one at a time; the batcher gathers them until a batch holds
+`max_faces` or its first face has waited `max_delay_ms`, then runs the whole batch in a worker
+thread (decode, align, recognise, search) - the scheme of Triton's dynamic batcher. The event
+loop never runs a model: it only moves requests and futures, so health checks and gallery
+calls are answered while every stream is busy. At most `workers` batches run at once, which
+bounds the memory of decoded pictures too.
 """
 
 from __future__ import annotations
@@ -15,28 +16,30 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-import numpy as np
-
 from facelink.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class Batcher(Generic[Result]):
-    """`await batcher.submit(crop)` -> that crop's row of `run(np.stack(crops))`.
+class Batcher(Generic[Item, Result]):
+    """`await batcher.submit(item)` -> that item's entry of `run(items)`.
 
-    `run` is called from worker threads with a (N, ...) array and returns N results; if it
-    raises, every face of that batch gets the exception.
+    `run` is called from worker threads with a list of N items and returns N outcomes, each a
+    result or the exception that item gets (one bad face does not fail its batch); if `run`
+    itself raises, every item of the batch gets that exception.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], Sequence[Result]], config: BatchingConfig, name: str = "batch") -> None:
+    def __init__(
+        self, run: Callable[[list[Item]], Sequence[Result | BaseException]], config: BatchingConfig, name: str = "batch"
+    ) -> None:
         self._run = run
         self.config = config
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Result]]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(config.inference_workers, thread_name_prefix=f"facelink-{name}")
-        self._slots = asyncio.Semaphore(config.inference_workers)
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix=f"facelink-{name}")
+        self._slots = asyncio.Semaphore(config.workers)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -45,9 +48,9 @@ class Batcher(Generic[Result]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="facelink-batcher")
 
-    async def submit(self, crop: np.ndarray) -> Result:
+    async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await self._queue.put((crop, future))
+        await self._queue.put((item, future))
         return await future
 
     async def _collect(self) -> None:
@@ -70,24 +73,26 @@ class Batcher(Generic[Result]):
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[tuple[np.ndarray, asyncio.Future[Result]]]) -> None:
+    async def _execute(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            live = [(crop, future) for crop, future in batch if not future.done()]  # a stream may have gone
+            live = [(item, future) for item, future in batch if not future.done()]  # a stream may have gone
             if not live:
                 return
-            crops = np.stack([crop for crop, _ in live])
             try:
-                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, crops)
+                outcomes = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run, [item for item, _ in live]
+                )
             except Exception as error:  # noqa: BLE001 - every face of the batch learns why
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(error)
-                return
+                outcomes = [error] * len(live)
             self.batches += 1
             self.faces += len(live)
-            for (_, future), result in zip(live, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            for (_, future), outcome in zip(live, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
         finally:
             self._slots.release()
 

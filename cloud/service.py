@@ -89,6 +89,15 @@ def _principal() -> Principal:
     return principal
 
 
+#: A recognised face: its decision, and the canonical crop kept in case it is UNKNOWN (or None).
+Recognized = tuple[Identification, "np.ndarray | None"]
+
+
+def _internal_face_error(observation: recognition_pb2.FaceObservation) -> ServiceError:
+    log.exception("internal error on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
+    return ServiceError("internal error while recognising this face; see server log")
+
+
 class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
     def __init__(self, engine: RecognitionEngine, metrics: ServiceMetrics | None = None) -> None:
         self.engine = engine
@@ -98,9 +107,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         # One decoder per codec id, shared by every stream (decoding keeps no state per call).
         self._codecs = available_codecs()
         self._decoders = {codec_id: info.create(info.default_quality) for codec_id, info in self._codecs.items()}
-        self._decode_pool = ThreadPoolExecutor(engine.config.batching.decode_workers, thread_name_prefix="facelink-decode")
         self._faces = RateLimiter(self.limits.face_rate, self.limits.face_burst)
-        self._batcher: Batcher[Identification] | None = None
+        self._batcher: Batcher[tuple[recognition_pb2.FaceObservation, Principal], Recognized] | None = None
         self._pending: asyncio.Semaphore | None = None
         # Unknown people are clustered on a thread of their own: one writer, and a face's
         # answer waits for its unknown id (about a millisecond), not for another stream's decode.
@@ -109,14 +117,13 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
 
     async def start(self) -> None:
         """Bind to the running event loop (called once, by the server, before serving)."""
-        self._batcher = Batcher(self.engine.identify_aligned, self.config.batching, "recognize")
+        self._batcher = Batcher(self._recognize_batch, self.config.batching, "recognize")
         self._batcher.start()
         self._pending = asyncio.Semaphore(self.limits.max_pending_faces)
 
     async def close(self) -> None:
         if self._batcher is not None:
             await self._batcher.close()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         # Waited for: a sighting half-written when the store is closed would be lost.
         await asyncio.get_running_loop().run_in_executor(None, self._unknowns_pool.shutdown)
 
@@ -220,29 +227,47 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         unknown_id = ""
         async with self._pending:
             try:
-                prepared = await asyncio.get_running_loop().run_in_executor(
-                    self._decode_pool, self._prepare, observation, principal
-                )
-                if isinstance(prepared, Identification):
-                    found = prepared
-                else:
-                    aligned, kept_crop = prepared
-                    found = await self._batcher.submit(aligned)
-                    if found.decision is Decision.UNKNOWN and kept_crop is not None:
-                        unknown_id = await self._unknown_id(observation, principal, found, kept_crop)
+                found, kept_crop = await self._batcher.submit((observation, principal))
+                if found.decision is Decision.UNKNOWN and kept_crop is not None:
+                    unknown_id = await self._unknown_id(observation, principal, found, kept_crop)
             except ServiceError as refused:
                 error = refused
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug must cost one face, not the stream or the server
-                log.exception("internal error on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
-                error = ServiceError("internal error while recognising this face; see server log")
+            except Exception:  # the batch itself failed (the recogniser, the search): this face is one of it
+                error = _internal_face_error(observation)
+        return self._finish(observation, found, error, principal, started, unknown_id)
+
+    def _recognize_batch(
+        self, items: list[tuple[recognition_pb2.FaceObservation, Principal]]
+    ) -> list[Recognized | ServiceError]:
+        """Worker thread: a batch decoded and aligned face by face, then recognised together.
+        Each face's own failure is its outcome; the others go on."""
+        outcomes: list[Recognized | ServiceError | None] = [None] * len(items)
+        crops, waiting = [], []
+        for index, (observation, principal) in enumerate(items):
+            try:
+                prepared = self._prepare(observation, principal)
+            except ServiceError as refused:
+                outcomes[index] = refused
+                continue
+            except Exception:  # a bug must cost one face, not the batch, the stream or the server
+                outcomes[index] = _internal_face_error(observation)
+                continue
             except BaseException as failure:  # a native library's panic (pyo3) is a BaseException: one face too
                 if isinstance(failure, (GeneratorExit, KeyboardInterrupt, SystemExit)):
                     raise
-                log.exception("native failure on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
-                error = ServiceError("internal error while recognising this face; see server log")
-        return self._finish(observation, found, error, principal, started, unknown_id)
+                outcomes[index] = _internal_face_error(observation)
+                continue
+            if isinstance(prepared, Identification):
+                outcomes[index] = (prepared, None)
+            else:
+                crops.append(prepared[0])
+                waiting.append((index, prepared[1]))
+        if crops:
+            for (index, kept), found in zip(waiting, self.engine.identify_aligned(np.stack(crops)), strict=True):
+                outcomes[index] = (found, kept)
+        return outcomes  # type: ignore[return-value] - every entry is set above
 
     async def _unknown_id(
         self, observation: recognition_pb2.FaceObservation, principal: Principal, found: Identification,

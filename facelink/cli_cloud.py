@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
             reflection=args.reflection,
         ),
         limits=ServiceLimits(max_streams=args.max_streams, stream_idle_timeout_s=args.idle_timeout),
-        batching=BatchingConfig(max_faces=args.batch, max_delay_ms=args.batch_delay_ms),
+        batching=BatchingConfig(max_faces=args.batch, max_delay_ms=args.batch_delay_ms, workers=args.workers),
         unknowns=UnknownsConfig(enabled=not args.no_unknowns, retention_days=args.unknowns_retention_days),
         **models,
     )
@@ -50,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(cmds: argparse._SubParsersAction) -> None:
+    from facelink.config import BatchingConfig
+
     serve = cmds.add_parser(
         "serve",
         help="run the service until Ctrl-C",
@@ -114,6 +116,8 @@ examples:
     load.add_argument("--batch", type=int, default=16, help="faces recognised together at most (default 16)")
     load.add_argument("--batch-delay-ms", type=float, default=2.0,
                       help="how long a face waits for others to fill its batch (default 2 ms)")
+    load.add_argument("--workers", type=int, default=BatchingConfig().workers,
+                      help=f"threads that decode and recognise batches (default: the cores, {BatchingConfig().workers})")
     unknowns = serve.add_argument_group("unknown people (docs/security.md)")
     unknowns.add_argument("--no-unknowns", action="store_true",
                           help="keep nothing of faces answered UNKNOWN: no unknown ids, no crops (what is already "

@@ -328,12 +328,18 @@ class ServiceLimits(_Config):
 
 
 class BatchingConfig(_Config):
-    """Faces from every stream recognised together, as Triton's dynamic batcher would."""
+    """Faces from every stream recognised together, as Triton's dynamic batcher would.
+
+    Each worker takes a whole batch and decodes, aligns and recognises it: one thread hop per
+    batch rather than two per face, which is what the in-process engine does too
+    (`facelink bench load` compares the two)."""
 
     max_faces: int = Field(16, ge=1, description="faces per batch at most")
     max_delay_ms: float = Field(2.0, ge=0, description="how long a face waits for others to fill its batch")
-    decode_workers: int = Field(2, ge=1, description="threads decoding payloads (a bounded pool)")
-    inference_workers: int = Field(1, ge=1, description="threads running batches through the recogniser")
+    workers: int = Field(
+        max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)),
+        ge=1, description="threads that decode and recognise batches (a bounded pool; default: the cores)",
+    )
 
 
 class UnknownsConfig(_Config):
