@@ -82,17 +82,17 @@ def _stream(codec: LearnedFaceCodec, payload: bytes, width: int = 16, height: in
 def _escape_payload(codec: LearnedFaceCodec, nbits: int) -> bytes:
     """A one-cell latent whose first channel is escaped, with an escape length of `nbits` and no
     value after it: bytes no encoder writes when nbits > 24 (constriction cannot code them)."""
-    from constriction import stream
+    from facelink.runtime.codecs import ans  # bit-exact with constriction, and present everywhere
 
     coder = codec.entropy_coder(1)
     tables = coder.tables
     symbols = np.full(coder.channels, -int(tables.offset[0]), np.int32)[:, None]  # the symbol 0
     symbols[0] = tables.length[0] - 1  # the escape
-    ans = stream.stack.AnsCoder()
-    ans.encode_reverse(np.array([nbits], np.int32), stream.model.Uniform(32))
+    packed = ans.AnsCoder()
+    packed.encode_reverse(np.array([nbits], np.int32), ans.Uniform(32))
     for c in reversed(range(coder.channels)):
-        ans.encode_reverse(symbols[c], coder._models[c])
-    return ans.get_compressed().astype("<u4").tobytes()
+        packed.encode_reverse(symbols[c], ans.Categorical(tables.pmf[c, : tables.length[c]].astype(np.float64)))
+    return packed.get_compressed().astype("<u4").tobytes()
 
 
 @pytest.mark.parametrize("nbits", [25, 31])

@@ -1,9 +1,18 @@
 """Static entropy coding of the latent with per-channel tables (a factorised prior).
 
 The tables are exported once with the weights, so encoder and decoder hold exactly the same
-probabilities on every machine: decoding depends only on the bytes. Coding is done by
-`constriction`'s ANS coder (a maintained Rust implementation); this module only maps latent
-values onto its symbols.
+probabilities on every machine: decoding depends only on the bytes. Coding is done by an rANS
+coder (32-bit words, 64-bit state, 24-bit probabilities); this module only maps latent values
+onto its symbols. Two interchangeable backends write and read the very same bytes:
+
+- `constriction` (Rust, fast), used when it is importable. It has wheels for x86_64 and macOS
+  only, so it is an optional dependency on other platforms (a Jetson: Linux aarch64);
+- `runtime/codecs/ans.py`, a pure-Python + numpy reimplementation of exactly what is used here
+  (the ANS stack coder, `Categorical(p, perfect=False)` and `Uniform`), bit-exact with it and
+  slower (see ans.py), used when constriction is not installed.
+
+`FACELINK_ENTROPY=python|constriction` (or `FactorizedEntropyCoder(tables, backend=...)`)
+forces one, for tests and benchmarks; `entropy_backend()` says which one is used.
 
 Per channel c the table covers symbols `offset[c] .. offset[c] + len(pmf[c]) - 2`; the last
 entry of `pmf[c]` is an escape for values outside that range (CompressAI's layout). Escaped
@@ -13,10 +22,12 @@ bits (uniform), so that a rare outlier costs a few bytes instead of breaking the
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,12 +64,69 @@ def _corrupt_on_failure() -> Iterator[None]:
         raise CodecError(f"corrupt payload: the entropy decoder failed ({error})") from error
 
 
-def _coder():  # noqa: ANN202 - constriction has no type information
+#: Environment variable that forces an entropy-coder backend: "python" or "constriction".
+ENTROPY_BACKEND_ENV = "FACELINK_ENTROPY"
+BACKENDS = ("constriction", "python")
+
+
+@dataclass(frozen=True)
+class EntropyBackend:
+    """The seam between this module and an ANS implementation: constriction's API, reduced to
+    what is used here. Both backends produce identical bytes."""
+
+    name: str
+    ans_coder: Callable[..., Any]  # AnsCoder() to encode, AnsCoder(uint32 words) to decode
+    categorical: Callable[[np.ndarray], Any]  # float64 probabilities -> a fixed model (perfect=False)
+    uniform: Callable[[int], Any]  # size -> a uniform model (24-bit precision)
+    #: (coder, (C, N) rows, C models): push every row, the last channel first, each reversed
+    encode_channels: Callable[[Any, np.ndarray, list[Any]], None]
+    #: (coder, C models, N) -> the (C, N) symbols, channel 0 first
+    decode_channels: Callable[[Any, list[Any], int], np.ndarray]
+
+
+def _encode_each_channel(coder, rows: np.ndarray, models: list[Any]) -> None:  # noqa: ANN001
+    for c in reversed(range(len(models))):
+        coder.encode_reverse(rows[c], models[c])
+
+
+def _decode_each_channel(coder, models: list[Any], count: int) -> np.ndarray:  # noqa: ANN001
+    return np.stack([coder.decode(model, count) for model in models])
+
+
+def _constriction_backend() -> EntropyBackend | None:
     try:
         from constriction import stream
-    except ImportError as error:  # pragma: no cover - a base dependency
-        raise CodecError("the learned codec needs the `constriction` package: pip install constriction") from error
-    return stream
+    except ImportError:
+        return None
+    return EntropyBackend("constriction", stream.stack.AnsCoder,
+                          lambda p: stream.model.Categorical(p, perfect=False), stream.model.Uniform,
+                          _encode_each_channel, _decode_each_channel)
+
+
+def _python_backend() -> EntropyBackend:
+    from . import ans
+
+    return EntropyBackend("python", ans.AnsCoder, ans.Categorical, ans.Uniform,
+                          ans.encode_channels_reverse, ans.decode_channels)
+
+
+def entropy_backend(name: str | None = None) -> EntropyBackend:
+    """The backend called `name`, else the one $FACELINK_ENTROPY names, else constriction when it
+    is importable and the pure-Python coder otherwise."""
+    name = name or os.environ.get(ENTROPY_BACKEND_ENV, "").strip().lower() or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown entropy backend {name!r} (from {ENTROPY_BACKEND_ENV} or the caller): "
+                         f"use one of {', '.join(BACKENDS)}")
+    if name == "python":
+        return _python_backend()
+    backend = _constriction_backend()
+    if backend is None:
+        if name == "constriction":
+            raise CodecError("the constriction entropy backend was asked for but is not installed: "
+                             "pip install constriction (wheels: x86_64 and macOS), or unset "
+                             f"{ENTROPY_BACKEND_ENV} to use the pure-Python coder")
+        return _python_backend()
+    return backend
 
 
 @dataclass(frozen=True)
@@ -79,17 +147,20 @@ class ChannelTables:
 class FactorizedEntropyCoder:
     """Encodes (C, H, W) integer latents channel by channel with fixed per-channel models."""
 
-    def __init__(self, tables: ChannelTables) -> None:
-        stream = _coder()
+    def __init__(self, tables: ChannelTables, backend: str | None = None) -> None:
+        """`backend`: "constriction" or "python" (default: see `entropy_backend`)."""
+        self._backend = entropy_backend(backend)
+        self.backend = self._backend.name
         self.tables = tables
         # Built once: constructing a model quantises its probabilities to fixed point, a
         # deterministic step that both ends must do identically (perfect=False on both).
         self._models = [
-            stream.model.Categorical(tables.pmf[c, : tables.length[c]].astype(np.float64), perfect=False)
+            self._backend.categorical(tables.pmf[c, : tables.length[c]].astype(np.float64))
             for c in range(tables.pmf.shape[0])
         ]
-        self._bits = stream.model.Uniform(_MAX_ESCAPE_BITS + 1)
-        self._stream = stream
+        self._bits = self._backend.uniform(_MAX_ESCAPE_BITS + 1)
+        # An escaped value of n bits is coded uniformly over 0 .. 2**n - 1 (n >= 1).
+        self._values = [None] + [self._backend.uniform(1 << n) for n in range(1, _MAX_CODED_ESCAPE_BITS + 1)]
         # Every symbol costs at least its channel's likeliest value's information: a floor on the
         # payload of a latent of a given size, so that a forged header claiming a huge picture is
         # refused at once instead of decoding millions of symbols out of a few bytes.
@@ -111,17 +182,16 @@ class FactorizedEntropyCoder:
         # Escaped values as non-negative integers (zig-zag), in channel-major order.
         overflow = values[outside]
         overflow = np.where(overflow < 0, -2 * overflow - 1, 2 * (overflow - np.broadcast_to(escape, values.shape)[outside]))
-        coder = self._stream.stack.AnsCoder()
+        coder = self._backend.ans_coder()
         # A stack: push in the reverse of the decoding order (regular symbols first, then escapes).
         for value in overflow[::-1]:
             nbits = int(value).bit_length()
             if nbits > _MAX_CODED_ESCAPE_BITS:
                 raise ValueError(f"latent value out of range ({value})")
             if nbits:
-                coder.encode_reverse(np.array([value], np.int32), self._stream.model.Uniform(1 << nbits))
+                coder.encode_reverse(np.array([value], np.int32), self._values[nbits])
             coder.encode_reverse(np.array([nbits], np.int32), self._bits)
-        for c in reversed(range(self.channels)):
-            coder.encode_reverse(coded[c], self._models[c])
+        self._backend.encode_channels(coder, coded, self._models)
         words = coder.get_compressed()
         if sys.byteorder == "big":  # pragma: no cover - the wire format is little-endian
             words = words.byteswap()
@@ -139,8 +209,8 @@ class FactorizedEntropyCoder:
         count = height * width
         escape = (self.tables.length - 1).astype(np.int64)[:, None]  # index of each channel's escape
         with _corrupt_on_failure():
-            coder = self._stream.stack.AnsCoder(words)
-            coded = np.stack([coder.decode(self._models[c], count) for c in range(self.channels)]).astype(np.int64)
+            coder = self._backend.ans_coder(words)
+            coded = self._backend.decode_channels(coder, self._models, count).astype(np.int64)
             outside = coded == escape
             overflow = self._decode_escapes(coder, int(outside.sum()), len(payload))
             if not coder.is_empty():
@@ -174,5 +244,5 @@ class FactorizedEntropyCoder:
             if nbits > _MAX_CODED_ESCAPE_BITS:
                 raise CodecError(f"corrupt payload: an escaped value of {nbits} bits (the coder writes at most "
                                  f"{_MAX_CODED_ESCAPE_BITS})")
-            overflow.append(int(coder.decode(self._stream.model.Uniform(1 << nbits), 1)[0]) if nbits else 0)
+            overflow.append(int(coder.decode(self._values[nbits], 1)[0]) if nbits else 0)
         return overflow
