@@ -82,7 +82,7 @@ def select_faces(detections: list[Detection], policy: str, frame_shape: tuple[in
 def crop_codec(config: EdgeConfig) -> FaceCodec:
     """The payload codec of `config`: a learned codec codes the crop's border ring coarser when
     `config.crop_border` says so, by default at its bundle's `border_ring_quality`."""
-    codec = create_codec(config.codec, quality=config.quality)
+    codec = create_codec(config.codec, quality=config.quality, backend=config.backend)
     if config.crop_border is None or not isinstance(codec, LearnedFaceCodec):
         return codec
     ring_quality = codec.manifest.border_ring_quality

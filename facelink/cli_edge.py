@@ -56,14 +56,33 @@ def load_cameras_file(path: Path) -> Any:
         raise ValueError(f"{path}: {error}") from None
 
 
+def _detect_size(text: str) -> int:
+    if (value := int(text)) != 0 and value < 64:
+        raise argparse.ArgumentTypeError(f"must be 0 (full resolution) or at least 64 px, not {text}")
+    return value
+
+
+def _providers(text: str) -> tuple[str, ...]:  # argparse names the type in its message
+    from facelink.runtime.backends.onnxruntime_backend import providers_from_names
+
+    try:
+        return providers_from_names(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--providers: ")) from None
+
+
 def _edge_config(args: argparse.Namespace, security: Any, live: bool) -> Any:
     from facelink.config import (
-        CanonicalCrop, CropRegionCoding, DetectorConfig, EdgeConfig, EventsConfig, LiveSourceConfig, StreamConfig,
-        TrackPolicy,
+        BackendConfig, CanonicalCrop, CropRegionCoding, DetectorConfig, EdgeConfig, EventsConfig, LiveSourceConfig,
+        StreamConfig, TrackPolicy,
     )
 
+    # One set of execution providers for every model the edge runs: the detector (YuNet through
+    # ONNX Runtime when a GPU provider is first), the learned codec's encoder and the query model.
+    backend = BackendConfig(providers=args.providers) if args.providers else BackendConfig()
     return EdgeConfig(
-        detector=DetectorConfig(kind=args.detector),
+        detector=DetectorConfig(kind=args.detector, detect_size=args.detect_size, backend=backend),
+        backend=backend,
         crop=CanonicalCrop(size=args.crop_size),
         faces=args.faces,
         payload=args.payload,
@@ -105,6 +124,7 @@ def _edge(args: argparse.Namespace) -> int:
         describe, describe_event, handle_signals, run_cameras,
     )
     from facelink.edge.sources import SourceError, open_source
+    from facelink.runtime.backends import BackendUnavailableError
     from facelink.transport import TransportSecurityError, client_security_from_args
 
     def fail(message: str, code: int) -> int:
@@ -123,12 +143,16 @@ def _edge(args: argparse.Namespace) -> int:
 
             specs = (CameraSpec(source=args.source, camera_id=args.camera_id, stride=args.stride,
                                 max_frames=args.max_frames),)
+        if args.providers:  # a provider this onnxruntime build lacks: say so before a camera opens
+            from facelink.runtime.backends.onnxruntime_backend import check_providers
+
+            check_providers(args.providers)
         for spec in specs:
             max_frames = spec.max_frames if spec.max_frames is not None else args.max_frames
             source = open_source(spec.source, max_frames=max_frames, stride=spec.stride)
             opened.append((spec, source))
         config = _edge_config(args, security, live=any(source.live for _, source in opened))
-    except (SourceError, TransportSecurityError, ValueError, ValidationError) as error:
+    except (SourceError, TransportSecurityError, BackendUnavailableError, ValueError, ValidationError) as error:
         for _, source in opened:
             source.close()
         return fail(str(error), EXIT_CONFIG)
@@ -151,8 +175,8 @@ def _edge(args: argparse.Namespace) -> int:
         return fail(str(error), EXIT_REFUSED)
     except CloudUnreachable as error:
         return fail(f"{error}; is the server running, and is --server right?", EXIT_FAILURE)
-    except (TransportSecurityError, OSError, ValueError) as error:  # certificates, secret files, sinks
-        return fail(str(error), EXIT_CONFIG)
+    except (TransportSecurityError, BackendUnavailableError, OSError, ValueError) as error:  # certificates, secret
+        return fail(str(error), EXIT_CONFIG)  # files, sinks, a GPU provider whose libraries do not load
     finally:
         for _, source in opened:
             source.close()
@@ -246,7 +270,8 @@ examples:
   facelink edge --source rtsp://cam.local/stream --fps 10 --mqtt-host broker.local
   facelink edge --config cameras.json --server cloud.example:50051 --tls-ca pki/ca.crt --token-file door.token
   facelink edge --source 0 --webhook-url https://hooks.example/faces --webhook-secret-file hook.secret
-  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8""",
+  facelink edge --source 0 --payload embedding     # 128 bytes per face: facelink-query-v9, int8
+  facelink edge --source 0 --providers tensorrt,cuda,cpu --detect-size 640   # a Jetson's GPU (onnxruntime-gpu)""",
     )
     src = p.add_argument_group("sources")
     src.add_argument("--source", help="camera index, RTSP URL, GStreamer pipeline, video file or picture folder")
@@ -273,7 +298,19 @@ examples:
                         f"bytes for the same identity (default {'on' if defaults.crop_border is not None else 'off'})")
     p.add_argument("--query-model", default=defaults.query_model,
                    help=f"embedding payload model, manifest name or path (default {defaults.query_model})")
-    p.add_argument("--detector", choices=["auto", "yunet", "dlib"], default="auto", help="face detector (default auto)")
+    p.add_argument("--detector", choices=["auto", "yunet", "yunet-ort", "dlib"], default="auto",
+                   help="face detector (default auto: YuNet if its model is present, else dlib); YuNet runs through "
+                        "OpenCV on the CPU, or through ONNX Runtime (yunet-ort, and auto/yunet when --providers "
+                        "starts with a GPU provider)")
+    p.add_argument("--detect-size", type=_detect_size, default=defaults.detector.detect_size, metavar="PX",
+                   help="detect on the frame scaled down to this longest side, boxes and landmarks mapped back to "
+                        f"full resolution (0: detect at full resolution; default {defaults.detector.detect_size})")
+    p.add_argument("--providers", type=_providers, default=None, metavar="LIST",
+                   help="ONNX Runtime execution providers for every edge model (detector, learned encoder, query "
+                        "model), in order of preference: tensorrt, cuda, cpu (e.g. tensorrt,cuda,cpu; TensorRT gets "
+                        "fp16 and an engine cache under $FACELINK_CACHE/ort-tensorrt), or full ONNX Runtime names "
+                        "with options (TensorrtExecutionProvider:trt_fp16_enable=0). GPU providers need "
+                        "onnxruntime-gpu (deploy/jetson/README.md). Default: cpu")
     p.add_argument("--faces", choices=["all", "largest", "central"], default="all", help="faces per frame to consider")
     p.add_argument("--crop-size", type=int, default=128, help="side of the canonical aligned crop in px (default 128)")
 

@@ -45,10 +45,16 @@ class _Config(BaseModel):
 
 
 class BackendConfig(_Config):
-    """How ONNX models are run (ONNX Runtime today; TensorRT where present)."""
+    """How ONNX models are run (ONNX Runtime today; TensorRT where present).
+
+    `providers`: ONNX Runtime execution providers in order of preference, each a full provider
+    name optionally followed by its options ("TensorrtExecutionProvider:trt_fp16_enable=1");
+    `facelink edge --providers tensorrt,cuda,cpu` fills them in from short names
+    (runtime/backends/onnxruntime_backend.py: `providers_from_names`).
+    """
 
     intra_op_threads: int = Field(1, ge=0, description="threads per model; 0 lets ONNX Runtime decide")
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = Field(("CPUExecutionProvider",), min_length=1)
 
 
 class CanonicalCrop(_Config):
@@ -102,11 +108,35 @@ class FaceRegionCoding(_Config):
 
 
 class DetectorConfig(_Config):
-    kind: Literal["auto", "yunet", "dlib"] = "auto"  # auto: YuNet if its model is present, else dlib
+    """The face detector (runtime/detection).
+
+    kind: `auto` takes YuNet if its model is present, else dlib's HOG. YuNet runs one of two ways,
+    with the same decoding (priors, boxes, landmarks, scores, NMS; equal within float rounding):
+    OpenCV's `cv2.FaceDetectorYN` (CPU), or ONNX Runtime (`yunet-ort`) with `backend.providers`,
+    which is how it reaches a GPU (CUDA, TensorRT). `auto` and `yunet` pick ONNX Runtime when the
+    first provider is not the CPU's, and OpenCV otherwise, so CPU-only installs run as before;
+    `yunet-ort` always takes ONNX Runtime, on whatever providers are given.
+
+    detect_size: frames whose longest side is longer are scaled down to it (aspect kept) for
+    detection only; boxes and landmarks are mapped back to the frame's pixels, and alignment
+    crops from the full-resolution frame. 0 detects at full resolution.
+    """
+
+    kind: Literal["auto", "yunet", "yunet-ort", "dlib"] = "auto"
     score_threshold: float = Field(0.6, ge=0.0, le=1.0)
     nms_threshold: float = Field(0.3, ge=0.0, le=1.0)
-    min_face_size: int = Field(20, ge=0, description="faces smaller than this (px, box side) are ignored")
+    min_face_size: int = Field(20, ge=0, description="faces smaller than this (px, box side, full resolution) are ignored")
     max_faces: int = Field(16, ge=1)
+    detect_size: int = Field(
+        640, ge=0, description="longest side the detector sees; larger frames are scaled down for detection (0: full resolution)"
+    )
+    backend: BackendConfig = Field(BackendConfig(), description="ONNX Runtime providers of the YuNet ONNX Runtime path")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DetectorConfig:
+        if 0 < self.detect_size < 64:
+            raise ValueError(f"detect_size must be 0 (full resolution) or at least 64 px, not {self.detect_size}")
+        return self
 
 
 class StreamConfig(_Config):

@@ -60,6 +60,73 @@ def parse_provider(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), options
 
 
+#: Short names that `facelink edge --providers` takes, and the options each brings. TensorRT gets
+#: fp16 kernels (on TensorRT before 11, where precision flags still exist; a Jetson's 8.6/10.x);
+#: its engine and timing caches are turned on for every TensorRT entry (`tensorrt_provider_defaults`).
+PROVIDER_ALIASES: dict[str, str] = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
+ALIAS_OPTIONS: dict[str, dict[str, str]] = {TENSORRT: {"trt_fp16_enable": "1"}}
+
+
+def providers_from_names(text: str) -> tuple[str, ...]:
+    """`--providers` text -> `BackendConfig.providers`.
+
+    Comma-separated, in order of preference: short names (`tensorrt`/`trt`, `cuda`, `cpu`, any
+    case), or full ONNX Runtime names with options after a colon. Since options are separated by
+    commas too, a `key=value` item continues the provider before it:
+
+        "tensorrt,cuda,cpu" -> ("TensorrtExecutionProvider:trt_fp16_enable=1", "CUDAExecutionProvider",
+                                "CPUExecutionProvider")
+        "TensorrtExecutionProvider:trt_fp16_enable=0,device_id=0,cpu" -> two providers
+    """
+    entries: list[list[str]] = []  # [name, option, option, ...]
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        head = item.partition(":")[0]
+        if "=" in head:  # key=value: an option of the provider before it
+            if not entries:
+                raise ValueError(f"--providers {text!r}: option {item!r} comes before any provider")
+            entries[-1].append(item)
+            continue
+        name, _, options = item.partition(":")
+        name = name.strip()
+        full = PROVIDER_ALIASES.get(name.lower())
+        if full is None:
+            if not name.endswith("ExecutionProvider"):
+                raise ValueError(
+                    f"--providers: unknown provider {name!r}; use {', '.join(sorted(PROVIDER_ALIASES))} or a full "
+                    "ONNX Runtime name (e.g. CUDAExecutionProvider)"
+                )
+            full = name
+        defaults = [f"{k}={v}" for k, v in ALIAS_OPTIONS.get(full, {}).items()] if full != name else []
+        entries.append([full, *defaults, *(o.strip() for o in options.split(",") if o.strip())])
+    if not entries:
+        raise ValueError("--providers: give at least one provider, e.g. tensorrt,cuda,cpu or cpu")
+    names = [entry[0] for entry in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--providers {text!r}: a provider is named twice")
+    specs = []
+    for name, *options in entries:
+        merged: dict[str, str] = {}
+        for option in options:  # later ones win: "tensorrt:trt_fp16_enable=0" turns the alias's fp16 off
+            key, _, value = option.partition("=")
+            merged[key.strip()] = value.strip()
+        spec = name + (":" + ",".join(f"{k}={v}" for k, v in merged.items()) if merged else "")
+        parse_provider(spec)  # the same checks as BackendConfig's entries
+        specs.append(spec)
+    return tuple(specs)
+
+
+def check_providers(specs: tuple[str, ...]) -> list[str]:
+    """Raises BackendUnavailableError naming each provider the installed onnxruntime lacks
+    (and how to get it); returns the available ones. Call it at start, before a camera opens."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    session_providers(specs, available)
+    return available
+
+
 def tensorrt_provider_defaults() -> dict[str, str]:
     folder = cache_dir() / "ort-tensorrt" / f"ort-{_ort_version()}-trt-{tensorrt_version() or 'unknown'}"
     return {

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from facelink.config import BackendConfig
+
 from .base import CodecError, FaceCodec, UnknownCodecError
 from .standard import JpegCodec, PngCodec, WebpCodec, decode_image
 
@@ -34,13 +36,14 @@ class CodecInfo:
     codec_id: str
     versions: tuple[int, ...]
     description: str
-    create: Callable[[int], FaceCodec]  # quality -> codec
+    # (quality, backend) -> codec; the backend (ONNX Runtime providers) matters to learned codecs only
+    create: Callable[[int, BackendConfig | None], FaceCodec]
     default_quality: int
 
 
 def _standard() -> dict[str, CodecInfo]:
     return {
-        cls.codec_id: CodecInfo(cls.codec_id, cls.versions, cls.description, cls, 90)
+        cls.codec_id: CodecInfo(cls.codec_id, cls.versions, cls.description, lambda quality, _backend=None, c=cls: c(quality), 90)
         for cls in (JpegCodec, WebpCodec, PngCodec)
     }
 
@@ -55,7 +58,7 @@ def _learned() -> dict[str, CodecInfo]:
             manifest.codec_id,
             LearnedFaceCodec.versions,
             f"facelink learned face codec {name!r} (qualities 1-{manifest.qualities})",
-            lambda quality, m=manifest, p=path: LearnedFaceCodec(m, p.parent, quality),
+            lambda quality, backend=None, m=manifest, p=path: LearnedFaceCodec(m, p.parent, quality, backend or BackendConfig()),
             manifest.preferred_quality,
         )
     return infos
@@ -89,15 +92,17 @@ def default_quality(codec_id: str) -> int:
     return info.default_quality
 
 
-def create_codec(codec_id: str, quality: int | None = None) -> FaceCodec:
+def create_codec(codec_id: str, quality: int | None = None, backend: BackendConfig | None = None) -> FaceCodec:
+    """A codec by id; `backend` chooses where a learned codec's networks run (the edge's --providers)."""
     name = codec_id.partition(":")[2] if codec_id.startswith(LEARNED_ALIAS + ":") else ""
     if name.endswith(".json"):  # a bundle outside the package, e.g. `facelink export`'s int8 encoder
         from .learned import LearnedFaceCodec, load_codec_manifest
 
         manifest, path = load_codec_manifest(name)
-        return LearnedFaceCodec(manifest, path.parent, manifest.preferred_quality if quality is None else quality)
+        return LearnedFaceCodec(manifest, path.parent, manifest.preferred_quality if quality is None else quality,
+                                backend or BackendConfig())
     codecs = available_codecs()
     info = codecs.get(resolve_codec_id(codec_id))
     if info is None:
         raise UnknownCodecError(f"unknown codec {codec_id!r}; available: {', '.join(sorted(codecs))}")
-    return info.create(info.default_quality if quality is None else quality)
+    return info.create(info.default_quality if quality is None else quality, backend)

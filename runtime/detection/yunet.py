@@ -1,4 +1,9 @@
-"""YuNet (OpenCV zoo): a 75k-parameter detector with five landmarks, ~3 ms on one core."""
+"""YuNet (OpenCV zoo) through OpenCV: a 75k-parameter detector with five landmarks, ~3 ms on one core.
+
+This is the CPU path (`cv2.FaceDetectorYN`); `yunet_ort.py` runs the same ONNX file through ONNX
+Runtime, which is how the detector reaches a GPU. Both detect on the frame scaled down to
+`DetectorConfig.detect_size` (longest side) and map the results back.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 from facelink.config import DetectorConfig
 
 from ..manifest import ModelManifest
-from .base import Detection
+from .base import Detection, detection_input, rescaled, yunet_detections
 
 
 class YuNetDetector:
@@ -27,18 +32,18 @@ class YuNetDetector:
         # cv2.FaceDetectorYN holds per-call state (input size): one call at a time.
         self._lock = threading.Lock()
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def raw(self, image: np.ndarray) -> np.ndarray | None:
+        """cv2.FaceDetectorYN's rows for an RGB image at its own size (no input size policy)."""
         height, width = image.shape[:2]
         bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
         with self._lock:
             self._model.setInputSize((width, height))
             _, faces = self._model.detect(bgr)
+        return faces
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        small, sx, sy = detection_input(image, self.config.detect_size)
+        faces = self.raw(small)
         if faces is None:
             return []
-        detections = [
-            Detection(box=row[0:4].astype(np.float32), landmarks=row[4:14].reshape(5, 2).astype(np.float32), score=float(row[14]))
-            for row in faces
-            if min(row[2], row[3]) >= self.config.min_face_size
-        ]
-        detections.sort(key=lambda d: -d.score)
-        return detections[: self.config.max_faces]
+        return yunet_detections(rescaled(faces, sx, sy), self.config.min_face_size, self.config.max_faces)
