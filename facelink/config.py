@@ -423,7 +423,9 @@ class CloudConfig(_Config):
     rejection_action: Literal["flag", "drop"] = Field(
         "flag", description="flag: record the reason, keep matching; drop: record the reason, never match"
     )
-    detector: DetectorConfig = DetectorConfig()
+    # Full resolution: an enrollment photo may show a small face in a large picture, and the
+    # cloud's CPU is not a board's (the edge detects on a downscaled frame).
+    detector: DetectorConfig = DetectorConfig(detect_size=0)
     backend: BackendConfig = BackendConfig()
     security: CloudSecurity = CloudSecurity()
     limits: ServiceLimits = ServiceLimits()
