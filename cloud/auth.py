@@ -439,7 +439,7 @@ class UnreadableMessage(InvalidArgument):
 def parse_request(parse: Callable[[bytes], Any], data: bytes, method: str) -> Any:
     try:
         return parse(data)
-    except Exception as error:  # noqa: BLE001 - DecodeError, or whatever a parser raises on garbage
+    except Exception:  # noqa: BLE001 - DecodeError, or whatever a parser raises on garbage
         kind = getattr(getattr(parse, "__self__", None), "__name__", "request")
         raise UnreadableMessage(f"a {method.rsplit('/', 1)[-1]} message of {len(data)} bytes does not parse "
                                 f"as a {kind}") from None
