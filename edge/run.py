@@ -222,6 +222,7 @@ class _Camera:
         self.feed: FrameFeed = open_feed(spec.source, spec.live or config.live)
         self.stats = CameraStats(self.id)
         self.last_label: str | None = None
+        self.last_frame_at = time.monotonic()
         self.done = False
 
 
@@ -330,6 +331,8 @@ def _loop(cameras: list[_Camera], pipeline: EdgePipeline, client: StreamClient, 
                 if frame is None:
                     if camera.feed.ended:
                         active.remove(camera)
+                    elif camera.source.live:
+                        _silent(camera, pipeline, client, stop)
                     continue
                 _step(camera, frame, pipeline, client, stop)
                 bar.update(1)
@@ -341,8 +344,16 @@ def _loop(cameras: list[_Camera], pipeline: EdgePipeline, client: StreamClient, 
         bar.close()
 
 
+def _silent(camera: _Camera, pipeline: EdgePipeline, client: StreamClient, stop: StopSignal) -> None:
+    """A live camera silent for longer than lost_s (it dropped): its tracks are over, and end with
+    their events now rather than when (if) the camera comes back."""
+    if camera.tracker.tracks and time.monotonic() - camera.last_frame_at > camera.book.policy.lost_s:
+        _send(camera, camera.book.end(camera.tracker.reset()), pipeline, client, stop)
+
+
 def _step(camera: _Camera, frame: Frame, pipeline: EdgePipeline, client: StreamClient, stop: StopSignal) -> None:
     started = time.perf_counter()
+    camera.last_frame_at = time.monotonic()
     camera.stats.frames += 1
     ended: list[int] = []
     if not camera.source.live and frame.label is not None and camera.last_label not in (None, frame.label):

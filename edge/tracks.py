@@ -9,8 +9,10 @@ that person's face in one frame, with its quality (edge/quality.py). Per track t
    * ``first``: the first such shot, nothing more;
    * ``best``: the best shot of the track's first ``best_window_s`` seconds (a decision comes
      quickly, from the best of a short look rather than from whatever came first), then a shot
-     ``better_by`` better than every shot sent so far, no sooner than ``resend_after_s`` after
-     the last one, up to ``max_shots``. A track that ends before its window is over sends its
+     ``better_by`` better than every shot sent so far - or, while every answer is back and the
+     track is still not a MATCH, its best shot since (another look: a person whose shots all
+     look alike is not decided by one) - no sooner than ``resend_after_s`` after the last one,
+     up to ``max_shots``. A track that ends before its window is over sends its
      best shot at its end, so no recognisable appearance goes unsent.
 
 2. pools the cloud's answers into one decision (:func:`pool`). A device principal sees MATCH
@@ -202,7 +204,14 @@ class TrackBook:
         if track.shots_sent == 0:
             assert track.first_gated is not None
             return now_s - track.first_gated >= policy.best_window_s
-        return self._better(track) and now_s - track.last_sent_at >= policy.resend_after_s
+        if now_s - track.last_sent_at < policy.resend_after_s:
+            return False
+        # Every answer back and still no MATCH: another look (the best shot since), clearly better
+        # or not - a person whose shots all look alike would otherwise be decided by one shot.
+        undecided = (track.outstanding == 0 and track.published is not None
+                     and track.published.decision != _MATCH and track.best_unsent is not None
+                     and track.shots_sent < policy.max_shots)
+        return self._better(track) or undecided
 
     def _better(self, track: _Track) -> bool:
         return (

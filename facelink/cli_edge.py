@@ -233,7 +233,8 @@ answers each shot; the edge pools a track's answers into one decision and publis
 events: `decision`, `update` (a better answer from a better shot), `track_ended`.
 
 Shots (--send): best (default) sends the best shot of a track's first 0.4 s, then one clearly
-better (quality + 0.1) no sooner than --resend-after seconds later, up to --max-shots-per-track;
+better (quality + 0.1), or while the track is not yet a MATCH its best since, no sooner than
+--resend-after seconds later, up to --max-shots-per-track;
 first sends the first shot; every sends every shot (one observation per face and frame). The
 quality (0..1) combines face size, sharpness, pose from the landmarks and the detector's
 score; shots under --min-quality are never sent.

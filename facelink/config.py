@@ -174,7 +174,8 @@ class TrackPolicy(_Config):
     send: Literal["best", "first", "every"] = Field(
         "best",
         description="best: after a short look (best_window_s) the track's best shot so far, then a clearly better one "
-        "(better_by) at most every resend_after_s, up to max_shots; first: the first shot over min_quality only; "
+        "(better_by), or another look while the track is not a MATCH, at most every resend_after_s, up to "
+        "max_shots; first: the first shot over min_quality only; "
         "every: every shot over min_quality (one observation per face and frame)",
     )
     max_shots: int = Field(3, ge=1, description="shots sent per track at most (send=best)")
@@ -199,7 +200,9 @@ class LiveSourceConfig(_Config):
         None, gt=0, description="frames a second processed at most (None: as fast as the edge keeps up); the rest dropped"
     )
     reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reopening a lost camera")
-    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between attempts (doubling up to it)")
+    reconnect_max_s: float = Field(
+        5.0, gt=0, description="longest wait between attempts (doubling up to it): a camera back is used within it"
+    )
 
 
 class EventsConfig(_Config):

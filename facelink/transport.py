@@ -38,6 +38,11 @@ DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    # gRPC's own reconnect backoff grows to 120 s: an edge would see a restarted cloud minutes
+    # late. Capped at 5 s (with gRPC's jitter, a fleet does not come back in lockstep).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 
