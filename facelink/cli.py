@@ -268,6 +268,7 @@ BENCHMARKS = {
     "quantization": "facelink.benchmarks.quantization",
     "latency": "facelink.benchmarks.latency",
     "load": "facelink.benchmarks.load",
+    "video": "facelink.benchmarks.video",
     "fuzz-codecs": "facelink.benchmarks.fuzz_codecs",
     "fuzz-wire": "facelink.benchmarks.fuzz_wire",
     "crash-durability": "facelink.benchmarks.crash_durability",
@@ -305,6 +306,8 @@ benchmarks:
   asymmetric     query model vs the transformed gallery ensemble: 1:1, 1:N, cost, rejection
   load           the service under 1-256 streams of real learned-codec faces: faces/s,
                  p50/p99, health latency, server memory, against the in-process engine
+  video          a ground-truth video of LFW people through the edge and a real cloud, per
+                 send policy: appearances right/wrong/unknown, observations, time to decide
   fuzz-codecs    mutated bitstreams (checksums recomputed) through every decoder
   fuzz-wire      mutated observations and unary requests against a live server: one
                  typed answer each, no INTERNAL/UNKNOWN/hang, health answered throughout
