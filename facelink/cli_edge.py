@@ -35,10 +35,8 @@ def load_cameras_file(path: Path) -> Any:
     except OSError as error:
         raise ValueError(f"cannot read the camera config {path}: {error.strerror}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"{path} is YAML, and PyYAML is not installed: pip install pyyaml, or write it as JSON") from None
+        import yaml
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
