@@ -615,6 +615,7 @@ class RoundResult:
     unacknowledged: int = 0            # calls that failed at the kill
     pending_applied: int = 0           # ... and were applied whole
     pending_applied_unrecorded: int = 0  # ... applied, with no audit record
+    pending_applied_intent_only: int = 0  # ... of those, with their intent (outcome "started") recorded
     unrecorded_kinds: dict[str, int] = field(default_factory=dict)  # ... of those, per call kind
     pending_recorded: int = 0          # ... with an ok audit record
     refused: int = 0                   # calls the server refused (none expected)
@@ -727,9 +728,16 @@ def check_round(ws: Workspace, clients: Sequence[Client], result: RoundResult, r
     file_problems = [*snapshot.defects.get("", []), *compare_listing(snapshot, listed, total)]
     audit_ok, audit_summary = verify_audit(ws.gallery_dir / "audit.jsonl")
     calls = [r for c in clients for r in c.results]
-    verdicts = judge_all(ws.state, calls, snapshot, _round_records(ws))
+    records, started = _round_records(ws)
+    verdicts = judge_all(ws.state, calls, snapshot, records)
     recognition = _check_recognition(ws, snapshot, rng)
     _count(result, calls, verdicts)
+    # The server records a gallery call's intent before its commit: an applied call killed before
+    # its outcome was written still has that record (more "started" than "ok" for its identity).
+    result.pending_applied_intent_only = sum(
+        v.pending == "applied" and v.pending_recorded is False and started.get(name, 0) > len(records.get(name, []))
+        for name, v in verdicts.items()
+    )
     result.audit_mismatches += not audit_ok
     result.gallery_defects, result.recognition_failures = len(file_problems), len(recognition)
     result.problems = [
@@ -770,16 +778,22 @@ def _count(result: RoundResult, calls: Sequence[CallResult], verdicts: dict[str,
     result.audit_mismatches = sum(bool(x.audit_problem) for x in v)
 
 
-def _round_records(ws: Workspace) -> dict[str, list[AuditEntry]]:
-    """The audit log's ok records of gallery changes since the last round, per identity, in order."""
+def _round_records(ws: Workspace) -> tuple[dict[str, list[AuditEntry]], Counter[str]]:
+    """The audit log's ok records of gallery changes since the last round, per identity, in order;
+    and how many intent ("started") records each identity got."""
     lines = (ws.gallery_dir / "audit.jsonl").read_bytes().splitlines()
     by_identity: dict[str, list[AuditEntry]] = {}
+    started: Counter[str] = Counter()
     for line in lines[ws.audit_records:]:
         record = json.loads(line)
-        if record["outcome"] == "ok" and record["call"] in ("Enroll", "Enroll(replace)", "RemoveIdentity"):
+        if record["call"] not in ("Enroll", "Enroll(replace)", "RemoveIdentity"):
+            continue
+        if record["outcome"] == "ok":
             by_identity.setdefault(record["identity"], []).append((record["call"], record["counts"]))
+        elif record["outcome"] == "started":
+            started[record["identity"]] += 1
     ws.audit_records = len(lines)
-    return by_identity
+    return by_identity, started
 
 
 def _check_recognition(ws: Workspace, snapshot: Snapshot, rng: random.Random) -> list[str]:
@@ -846,7 +860,8 @@ def _print_progress(row: RoundResult) -> None:
           f"half-applied {row.half_applied}; restart {row.restart_s:.2f} s{flag}", flush=True)
 
 
-_SUMMED = ("unacknowledged", "pending_applied", "pending_applied_unrecorded", "pending_recorded", "refused",
+_SUMMED = ("unacknowledged", "pending_applied", "pending_applied_unrecorded", "pending_applied_intent_only",
+           "pending_recorded", "refused",
            "lost", "half_applied", "ack_mismatches", "audit_mismatches", "gallery_defects",
            "recognition_failures")
 
