@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -76,6 +77,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *[line(row) for row in rows]]
 
 
+def _path_prefixes() -> list[tuple[str, str]]:
+    """Machine folders -> how a results file names them, longest first (a cache may sit in the repo)."""
+    from facelink.config import REPO_ROOT, cache_dir, shared_dir
+
+    roots = {
+        str(REPO_ROOT.resolve()): ".",
+        str(shared_dir()): "../shared",
+        str(cache_dir().expanduser().resolve()): "$FACELINK_CACHE",
+        str(Path(os.environ.get("TMPDIR", "/tmp")).resolve()): "$TMPDIR",
+    }
+    return sorted(roots.items(), key=lambda item: -len(item[0]))
+
+
+def portable(value: Any, prefixes: list[tuple[str, str]] | None = None) -> Any:
+    """`value` with every absolute path of this machine written relative to the repository,
+    ../shared, $FACELINK_CACHE or $TMPDIR, in any string (commands and messages too): a results
+    file must read the same on every machine that reproduces it."""
+    prefixes = _path_prefixes() if prefixes is None else prefixes
+    if isinstance(value, str):
+        for root, name in prefixes:
+            value = re.sub(rf"{re.escape(root)}(?![\w.-])", name, value)  # a whole folder name, not a prefix of one
+        return value[2:] if value.startswith("./") else value
+    if isinstance(value, dict):
+        return {key: portable(item, prefixes) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item, prefixes) for item in value]
+    return value
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(portable(payload), indent=2, ensure_ascii=False) + "\n")
