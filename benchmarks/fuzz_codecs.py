@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from facelink.config import cache_dir, shared_dir
+from facelink.runtime.codecs.bitstream import varint
 
 from . import reporting
 
@@ -300,15 +301,6 @@ def fix_png_crcs(data: bytes) -> bytes:
     return bytes(b)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _side(rng: random.Random, current: int) -> int:
     choice = rng.random()
     if choice < 0.4:
@@ -339,10 +331,10 @@ class _Fields:
         from facelink.runtime.codecs.bitstream import MAGIC
 
         body = MAGIC + bytes([self.version & 0xFF]) + self.tag + bytes([self.quality & 0xFF])
-        body += _varint(self.width) + _varint(self.height)
+        body += varint(self.width) + varint(self.height)
         if self.version == 2:
-            body += bytes([self.background[0] & 0xFF, self.background[1] & 0xFF]) + _varint(len(self.regions))
-            body += b"".join(_varint(v) for region in self.regions for v in region)
+            body += bytes([self.background[0] & 0xFF, self.background[1] & 0xFF]) + varint(len(self.regions))
+            body += b"".join(varint(v) for region in self.regions for v in region)
         return fix_learned_checksum(body + self.payload + b"\0\0\0\0")
 
 

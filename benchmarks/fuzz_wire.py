@@ -87,6 +87,7 @@ import grpc
 import numpy as np
 
 from facelink.config import CloudConfig, ServiceLimits, cache_dir, shared_dir
+from facelink.runtime.codecs.bitstream import varint
 from facelink.v1 import common_pb2, gallery_pb2, recognition_pb2
 
 from . import reporting
@@ -594,29 +595,20 @@ FIELD_MUTATIONS: dict[str, tuple[tuple[str, MutateObservation, float], ...]] = {
 
 
 # -- byte-level mutation -----------------------------------------------------------------------
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _unknown_field(rng: random.Random) -> bytes:
     """A field this schema does not define, of any wire type: a parser must skip it."""
     number = rng.choice((9, 13, 19, 21, 99, 1000, 2**29 - 1))
     wire_type = rng.choice((0, 1, 2, 5))
-    payload = {0: _varint(rng.choice(ODD_UINT64)), 1: rng.randbytes(8), 5: rng.randbytes(4)}.get(wire_type)
+    payload = {0: varint(rng.choice(ODD_UINT64)), 1: rng.randbytes(8), 5: rng.randbytes(4)}.get(wire_type)
     if payload is None:
         body = rng.randbytes(rng.choice((0, 1, 16, 1000)))
-        payload = _varint(len(body)) + body
-    return _varint(number << 3 | wire_type) + payload
+        payload = varint(len(body)) + body
+    return varint(number << 3 | wire_type) + payload
 
 
 def _overlong_varint(value: int, extra: int) -> bytes:
     """`value` as a varint padded with continuation bytes: valid, and no encoder writes it."""
-    encoded = bytearray(_varint(value))
+    encoded = bytearray(varint(value))
     encoded[-1] |= 0x80
     return bytes(encoded) + b"\x80" * (extra - 1) + b"\x00"
 

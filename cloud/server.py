@@ -116,6 +116,7 @@ async def _build(config: CloudConfig, engine: RecognitionEngine, metrics: Servic
     recognition = RecognitionService(engine, metrics)
     await recognition.start()
     gallery = GalleryService(engine, audit)
+    await gallery.start()
     recognition_pb2_grpc.add_RecognitionServicer_to_server(recognition, server)
     gallery_pb2_grpc.add_GalleryServicer_to_server(gallery, server)
     health_servicer = health.aio.HealthServicer()

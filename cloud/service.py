@@ -93,6 +93,13 @@ def _principal() -> Principal:
 Recognized = tuple[Identification, "np.ndarray | None"]
 
 
+def _answered(result: recognition_pb2.FaceResult) -> asyncio.Future[recognition_pb2.FaceResult]:
+    """A result that is already known, in the stream's queue of futures beside those still computed."""
+    future: asyncio.Future[recognition_pb2.FaceResult] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
+
+
 def _internal_face_error(observation: recognition_pb2.FaceObservation) -> ServiceError:
     log.exception("internal error on %s frame %d", printable(observation.camera_id), observation.frame_sequence)
     return ServiceError("internal error while recognising this face; see server log")
@@ -182,9 +189,8 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
                 observation = read.result()
             except UnreadableMessage as error:
                 # No request id to echo, but still one answer per message, and the stream goes on.
-                unreadable = asyncio.get_running_loop().create_future()
-                unreadable.set_result(self._finish(recognition_pb2.FaceObservation(), None, error, principal, time.perf_counter()))
-                await results.put(unreadable)
+                empty = recognition_pb2.FaceObservation()
+                await results.put(_answered(self._finish(empty, None, error, principal, time.perf_counter())))
                 continue
             if observation is grpc.aio.EOF:
                 return
@@ -196,7 +202,6 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         in_flight: set[asyncio.Future[recognition_pb2.FaceResult]],
     ) -> asyncio.Future[recognition_pb2.FaceResult]:
         """The future FaceResult of one observation; refusals that cost nothing are answered at once."""
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         refusal: ServiceError | None = None
         if len(in_flight) >= self.limits.max_in_flight_per_stream:
@@ -206,9 +211,7 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
         elif wait := self._faces.take(str(principal)):
             refusal = rate_limited(wait, "faces")
         if refusal is not None:
-            future = loop.create_future()
-            future.set_result(self._finish(observation, None, refusal, principal, started))
-            return future
+            return _answered(self._finish(observation, None, refusal, principal, started))
         future = asyncio.ensure_future(self._answer(observation, principal, started))
         in_flight.add(future)
         future.add_done_callback(in_flight.discard)
@@ -251,10 +254,7 @@ class RecognitionService(recognition_pb2_grpc.RecognitionServicer):
             except ServiceError as refused:
                 outcomes[index] = refused
                 continue
-            except Exception:  # a bug must cost one face, not the batch, the stream or the server
-                outcomes[index] = _internal_face_error(observation)
-                continue
-            except BaseException as failure:  # a native library's panic (pyo3) is a BaseException: one face too
+            except BaseException as failure:  # a bug, or a native library's panic (pyo3: a BaseException), costs one face
                 if isinstance(failure, (GeneratorExit, KeyboardInterrupt, SystemExit)):
                     raise
                 outcomes[index] = _internal_face_error(observation)
@@ -447,11 +447,10 @@ class GalleryService(gallery_pb2_grpc.GalleryServicer):
         self.unknowns = engine.unknowns
         self.unknowns.on_erased = self._record_expiry
         self._expiry: asyncio.Task[None] | None = None
-        try:  # built by the server, on its event loop: enforce retention now and on a timer
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.create_task(self._expire_unknowns(), name="facelink-unknowns-expiry")
-        except RuntimeError:  # built without a loop (no server): retention runs only when called
-            pass
+
+    async def start(self) -> None:
+        """Bind to the running event loop (called once, by the server): retention now and on a timer."""
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_unknowns(), name="facelink-unknowns-expiry")
 
     async def close(self) -> None:
         if self._expiry is not None:

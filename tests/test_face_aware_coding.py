@@ -81,14 +81,14 @@ def test_corrupt_version_2_streams_raise_typed_errors(bundle: Path) -> None:
     data = codec.encode(noisy_picture(), regions=[(20, 10, 60, 40)], background=COARSE)
     header, payload = bitstream.unpack(data)
     inside, outside = bitstream.split_payload(payload)
-    sizes_end = 8 + len(bitstream._varint(128)) + len(bitstream._varint(96))  # magic, version, tag, quality, sizes
+    sizes_end = 8 + len(bitstream.varint(128)) + len(bitstream.varint(96))  # magic, version, tag, quality, sizes
     cut = data[:sizes_end] + bitstream.struct.pack("<I", bitstream.zlib.crc32(data[:sizes_end]))
     cases = {
         "outside the 8x6 latent": _forge(
             bitstream.Header(header.codec_tag, 2, 128, 96, (Region(6, 0, 9, 2),), COARSE), payload),
         "background quality 3 is outside 1..2": _forge(
             bitstream.Header(header.codec_tag, 2, 128, 96, header.regions, Background(3, 1)), payload),
-        "regions' payload .* runs past the end": _forge(header, bitstream._varint(len(payload) + 9) + payload),
+        "regions' payload .* runs past the end": _forge(header, bitstream.varint(len(payload) + 9) + payload),
         "entropy decoder failed|data left over": _forge(header, bitstream.join_payload(inside, outside[:-4])),
         "ends inside the background level": cut,
     }

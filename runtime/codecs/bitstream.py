@@ -86,7 +86,8 @@ class Header:
         return REGIONS_VERSION if self.regions else VERSION
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits a byte, the high bit set on every byte but the last."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -113,7 +114,7 @@ def _read_varint(data: bytes, pos: int, what: str, max_shift: int = 21) -> tuple
 
 def join_payload(regions: bytes, background: bytes) -> bytes:
     """A version-2 payload: the regions' part, then the background's."""
-    return _varint(len(regions)) + regions + background
+    return varint(len(regions)) + regions + background
 
 
 def split_payload(payload: bytes) -> tuple[bytes, bytes]:
@@ -134,7 +135,7 @@ def pack(header: Header, payload: bytes) -> bytes:
     if bool(header.regions) != (header.background is not None):
         raise ValueError("a header has a background exactly when it has regions")
     body = MAGIC + bytes([header.version]) + header.codec_tag + bytes([header.quality])
-    body += _varint(header.width) + _varint(header.height)
+    body += varint(header.width) + varint(header.height)
     if header.regions:
         background = header.background
         assert background is not None
@@ -142,11 +143,11 @@ def pack(header: Header, payload: bytes) -> bytes:
             raise ValueError(f"background quality and step must be in 1..255, got {background}")
         if len(header.regions) > _MAX_REGIONS:
             raise ValueError(f"at most {_MAX_REGIONS} regions, got {len(header.regions)}")
-        body += bytes([background.quality, background.step]) + _varint(len(header.regions))
+        body += bytes([background.quality, background.step]) + varint(len(header.regions))
         for r in header.regions:
             if not (0 <= r.x0 < r.x1 and 0 <= r.y0 < r.y1):
                 raise ValueError(f"a region must be a non-empty rectangle of cells, got {r}")
-            body += b"".join(_varint(v) for v in (r.x0, r.y0, r.x1, r.y1))
+            body += b"".join(varint(v) for v in (r.x0, r.y0, r.x1, r.y1))
     body += payload
     return body + struct.pack("<I", zlib.crc32(body))
 
