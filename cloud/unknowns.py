@@ -57,7 +57,7 @@ import numpy as np
 from facelink.config import UnknownsConfig
 from facelink.runtime.alignment import canonical_template
 
-from .gallery.store import make_private, private_umask
+from .gallery.store import BUSY_TIMEOUT_MS, enable_erasure_pragmas, make_private, private_umask, truncate_wal
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ JPEG_QUALITY = 90
 MAX_CAMERAS = 32
 #: Tracks remembered for `track_memory_s`; the least recently seen are forgotten past this.
 MAX_TRACKS = 4096
-BUSY_TIMEOUT_MS = 10_000
-SCRUB_WAIT_MS = 500
 _ID_RE = re.compile(r"^u-[0-9a-f]{12}$")
 
 _SCHEMA = (
@@ -247,11 +245,7 @@ class UnknownClusters:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # see the module docstring: no fsync per face
         conn.execute("PRAGMA foreign_keys=ON")  # crops go with their cluster by cascade
-        # Erasure depends on these, as in the gallery (cloud/gallery/store.py's Privacy).
-        conn.execute("PRAGMA secure_delete=ON")
-        conn.execute("PRAGMA temp_store=MEMORY")
-        if conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
-            raise RuntimeError(f"{self.path}: SQLite refused PRAGMA secure_delete=ON, so erasure would leave data")
+        enable_erasure_pragmas(conn, self.path)  # erasure depends on them, as in the gallery
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
@@ -528,14 +522,9 @@ class UnknownClusters:
     def _scrub(self) -> None:
         """Checkpoint the WAL into the file and truncate it: with secure_delete, nothing erased
         stays in any file (as GalleryStore.scrub)."""
-        conn = self._conn
-        assert conn is not None
-        conn.execute(f"PRAGMA busy_timeout = {SCRUB_WAIT_MS}")
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._scrub_pending = bool(busy)
+        assert self._conn is not None
+        busy = not truncate_wal(self._conn)
+        self._scrub_pending = busy
         if busy:
             log.warning("unknowns %s: a reader blocked the WAL checkpoint; it still holds erased data until the next one",
                         self.path)

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 __all__ = [  # the errors are re-exported: callers imported them from here before errors.py existed
     "MAX_NAME_LENGTH", "SCHEMA_VERSION", "STATUSES", "AddResult", "GalleryError", "GalleryQuotaError",
     "GalleryStore", "IdentityRecord", "InvalidIdentityError", "TemplateRecord", "Templates",
-    "UnknownIdentityError", "make_private", "private_umask", "validate_identity", "validate_model_id",
+    "UnknownIdentityError", "enable_erasure_pragmas", "make_private", "private_umask", "truncate_wal", "validate_identity", "validate_model_id",
 ]
 
 #: Mode of the database file and its -wal and -shm files: the server's user only.
@@ -247,7 +247,7 @@ class GalleryStore:
             log.warning("gallery %s: could not enable WAL (journal_mode is %s)", self.path, mode)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite; the cascade needs it
-        _enable_erasure_pragmas(conn, self.path)
+        enable_erasure_pragmas(conn, self.path)
         if version < SCHEMA_VERSION:
             self._migrate()
 
@@ -493,13 +493,8 @@ class GalleryStore:
         False (and keeps retrying after later writes and at close) when a reader in another
         process holds a snapshot the checkpoint may not overwrite.
         """
-        conn = self._db()
-        conn.execute(f"PRAGMA busy_timeout = {SCRUB_WAIT_MS}")
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._scrub_pending = bool(busy)
+        busy = not truncate_wal(self._db())
+        self._scrub_pending = busy
         if busy:
             log.warning(
                 "gallery %s: another connection is reading, so the WAL could not be truncated; it still "
@@ -628,12 +623,25 @@ def _delete_for_replace(
     return removed
 
 
-def _enable_erasure_pragmas(conn: sqlite3.Connection, path: Path) -> None:
-    """secure_delete and in-memory temporary storage, checked: erasure depends on them."""
+def enable_erasure_pragmas(conn: sqlite3.Connection, path: Path) -> None:
+    """secure_delete and in-memory temporary storage, checked: erasure depends on them (the
+    gallery's, and the unknown people's in cloud/unknowns.py)."""
     conn.execute("PRAGMA secure_delete=ON")  # per connection; the compiled-in default varies
     conn.execute("PRAGMA temp_store=MEMORY")
     if conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
-        raise GalleryError(f"gallery {path}: SQLite refused PRAGMA secure_delete=ON, so erasure would leave data")
+        raise GalleryError(f"{path}: SQLite refused PRAGMA secure_delete=ON, so erasure would leave data")
+
+
+def truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Every WAL frame moved into the database file and the WAL truncated to zero bytes (with
+    secure_delete on, what leaves erased content in no file); False when a reader in another
+    process holds a snapshot the checkpoint may not overwrite (waited for SCRUB_WAIT_MS)."""
+    conn.execute(f"PRAGMA busy_timeout = {SCRUB_WAIT_MS}")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return not busy
 
 
 @contextmanager
