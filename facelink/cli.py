@@ -23,13 +23,9 @@ import sys
 from pathlib import Path
 
 from .cli_certs import add_certs_parser
+from .cli_common import FORMATTER as _FORMATTER
+from .cli_common import add_common as _add_common
 from .cli_cloud import add_cloud_parser
-
-_FORMATTER = argparse.RawDescriptionHelpFormatter
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
 # -- demo ---------------------------------------------------------------------------------------

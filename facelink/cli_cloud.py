@@ -7,12 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-_FORMATTER = argparse.RawDescriptionHelpFormatter
+from .cli_common import FORMATTER as _FORMATTER
+from .cli_common import add_common as _add_common
+
 _SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, unknowns, admin"
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
 # -- serve -------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-_FORMATTER = argparse.RawDescriptionHelpFormatter
+from .cli_common import FORMATTER as _FORMATTER
+from .cli_common import add_common
 
 
 def _seconds(text: str) -> float:  # argparse names the type in its message: "invalid _seconds value"
@@ -347,5 +348,5 @@ examples:
     out.add_argument("--print-results", action="store_true", help="also print one line per answered shot")
     out.add_argument("-q", "--quiet", action="store_true", help="no human line per event (the summary stays)")
     add_client_security_arguments(p)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    add_common(p)
     p.set_defaults(func=_edge)
