@@ -281,25 +281,13 @@ def engine_ceiling(
 
 
 # -- the run -----------------------------------------------------------------------------------
-def _call_within_rate_limit(call, request):  # noqa: ANN001, ANN202
-    """A unary call that waits as long as the server's RESOURCE_EXHAUSTED asks (retry-after-ms)."""
-    while True:
-        try:
-            return call(request, timeout=60)
-        except grpc.RpcError as error:
-            wait_ms = dict(error.trailing_metadata() or ()).get("retry-after-ms")
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or wait_ms is None:
-                raise
-            time.sleep(int(wait_ms) / 1000)
-
-
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
 def run(args: argparse.Namespace) -> dict:
     from facelink.cloud.auth import AuthStore
-    from facelink.transport import ClientSecurity, client_channel
+    from facelink.transport import ClientSecurity, call_within_rate_limit, client_channel
     from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
     from pydantic import SecretStr
 
@@ -319,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
                 for name, data in tqdm(workload.gallery.items(), desc="enrolling", unit="person"):
                     image = common_pb2.Image(format=common_pb2.IMAGE_FORMAT_JPEG, data=data)
                     request = gallery_pb2.EnrollRequest(identity=name, images=[gallery_pb2.EnrollImage(image=image)])
-                    _call_within_rate_limit(stub.Enroll, request)
+                    call_within_rate_limit(stub.Enroll, request)
             for streams in args.streams:
                 result = asyncio.run(_run_streams(server, tokens, workload.probes, streams, args.window, args.seconds))
                 rows.append(result)

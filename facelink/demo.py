@@ -28,6 +28,7 @@ from facelink.benchmarks import reporting
 from facelink.config import CloudConfig, EdgeConfig, StreamConfig, TrackPolicy
 from facelink.datasets import LFW
 from facelink.runtime.codecs import default_quality
+from facelink.transport import call_within_rate_limit
 from facelink.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, recognition_pb2
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def enroll_all(channel: grpc.Channel, gallery: dict[str, Path]) -> list[str]:
             metadata={"source": path.name},
         )
         try:
-            stub.Enroll(request, timeout=30)
+            call_within_rate_limit(stub.Enroll, request, timeout=30)  # the server limits calls per principal
         except grpc.RpcError as error:
             failures.append(f"{name}: {error.code().name} {error.details()}")
     return failures

@@ -141,6 +141,23 @@ def client_channel(
     return grpc.intercept_channel(channel, _MetadataInterceptor(_bearer(token)))
 
 
+def call_within_rate_limit(call: Any, request: Any, timeout: float = 60.0, max_wait_s: float = 60.0) -> Any:
+    """A unary call that waits as long as the server's RESOURCE_EXHAUSTED asks (trailing metadata
+    `retry-after-ms`), for at most `max_wait_s` in all: what a client enrolling many people does."""
+    import time
+
+    waited = 0.0
+    while True:
+        try:
+            return call(request, timeout=timeout)
+        except grpc.RpcError as error:
+            wait_ms = dict(error.trailing_metadata() or ()).get("retry-after-ms")
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or wait_ms is None or waited >= max_wait_s:
+                raise
+            time.sleep(int(wait_ms) / 1000)
+            waited += int(wait_ms) / 1000
+
+
 def is_loopback(address: str) -> bool:
     """Whether a gRPC target stays on this machine: localhost, 127.0.0.0/8, ::1 or a unix socket.
 
