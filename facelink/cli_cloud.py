@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .cli_common import FORMATTER as _FORMATTER
 from .cli_common import add_common as _add_common
+from .cli_upgrade import add_upgrade_parser
 
 _SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, unknowns, admin"
 
@@ -505,13 +506,15 @@ examples:
   facelink cloud list --server localhost:50051 --token-file ops.token
   facelink cloud remove Ada --server localhost:50051 --token-file ops.token
   facelink cloud unknowns list --server localhost:50051 --token-file ops.token
-  facelink cloud audit --gallery ./gallery""",
+  facelink cloud audit --gallery ./gallery
+  facelink cloud upgrade --gallery ./gallery --to edgeface-xs   # new recogniser, no re-enrollment""",
     )
     cmds = cloud.add_subparsers(
-        dest="cloud_command", required=True, metavar="{serve,token,audit,enroll,remove,list,unknowns,capabilities}"
+        dest="cloud_command", required=True, metavar="{serve,token,audit,enroll,remove,list,unknowns,capabilities,upgrade}"
     )
     _add_serve(cmds)
     _add_token(cmds)
     _add_audit(cmds)
     _add_clients(cmds)
     _add_unknowns(cmds)
+    add_upgrade_parser(cmds)
