@@ -70,12 +70,14 @@ def _demo() -> Table:
         "recogniser": {"value": _c("{}", s + "recognizer")},
         "payload codec": {"value": _c("{}", s + "codec")},
         "enrolled identities (0 failed)": {"value": _c("{}", s + "enrolled_identities")},
-        "probes of enrolled / never-enrolled people": {"value": _c("{} / {}", s + "enrolled_probes", s + "stranger_probes")},
+        "probes of enrolled / never-enrolled people": {
+            "value": _c("{} / {}", s + "enrolled_probes", s + "stranger_probes")},
         "rank-1 accuracy, enrolled people": {"value": _c("{:.2%}", s + "rank1_accuracy")},
         "identified at threshold, enrolled people": {"value": _c("{:.2%}", s + "identification_rate")},
         "correct rejection, never-enrolled people": {"value": _c("{:.2%}", s + "correct_rejection_rate")},
         "mean bytes per face": {"value": _c("{:,.0f}", s + "mean_bytes_per_face")},
-        "end-to-end latency p50 / p95": {"value": _c("{:.1f} / {:.1f} ms", s + "latency_ms_p50", s + "latency_ms_p95")},
+        "end-to-end latency p50 / p95": {
+            "value": _c("{:.1f} / {:.1f} ms", s + "latency_ms_p50", s + "latency_ms_p95")},
     }))
 
 
@@ -95,7 +97,8 @@ def _payload_modes() -> Table:
     ensemble = RESULTS + "asymmetric.json:sets.lfw.rows[row=query vs ensemble].verification"
     return Table(RESULTS + "rate_accuracy.json", _cells({
         "learned codec, face at q5, border ring at q1 (the default), MobileFaceNet in the cloud": {
-            "bytes per face": _c("{:,.0f}", learned + ".bytes_per_face"), "LFW verification %": _accuracy(learned)},
+            "bytes per face": _c("{:,.0f}", learned + ".bytes_per_face"),
+            "LFW verification %": _accuracy(learned)},
         "JPEG q90 crop, MobileFaceNet in the cloud": {
             "bytes per face": _c("{:,.0f}", jpeg + ".bytes_per_face"), "LFW verification %": _accuracy(jpeg)},
         "query-model embedding (int8), matched against the gallery ensemble": {
@@ -107,6 +110,8 @@ def _payload_modes() -> Table:
 
 
 def _codec() -> Table:
+    ratio = ".identity_ratio_to_x265_crf23"
+
     def parity(codec: str) -> dict[str, Cell]:
         mfn, dlib = (f"parity[set=lfw,protocol=edge,codec={codec},recognizer={r}]"
                      for r in ("mobilefacenet@ms1m-1", "dlib-resnet-onnx@v1"))
@@ -114,7 +119,7 @@ def _codec() -> Table:
             "MobileFaceNet: bytes at parity": _c("{:,.0f}", mfn + ".bytes_per_face"),
             "dlib ResNet: bytes at parity": _c("{:,.0f}", dlib + ".bytes_per_face"),
             "× x265 CRF 23 at its identity (MobileFaceNet / dlib)": _c(
-                "{:.2f} / {:.2f}", mfn + ".identity_ratio_to_x265_crf23", dlib + ".identity_ratio_to_x265_crf23"),
+                "{:.2f} / {:.2f}", mfn + ratio, dlib + ratio),
         }
     return Table(RESULTS + "rate_accuracy.json", _cells({
         "learned `wide`, border ring (`--codec learned:wide`)": parity("learned:wide+faces"),
@@ -140,7 +145,8 @@ def _asymmetric() -> Table:
     return Table(RESULTS + "asymmetric.json", _cells({
         "query model vs the ensemble (what the cloud runs)": ensemble,
         "query model vs itself": row("query symmetric", "facelink-query@v9"),
-        "MobileFaceNet vs itself (no asymmetry)": row("mobilefacenet@ms1m-1 symmetric", "mobilefacenet@ms1m-1"),
+        "MobileFaceNet vs itself (no asymmetry)": row("mobilefacenet@ms1m-1 symmetric",
+                                                      "mobilefacenet@ms1m-1"),
     }))
 
 
@@ -180,6 +186,7 @@ HEADLINES: dict[str, Table] = {
 
 _NUMBERS = re.compile(r"<!--\s*numbers:\s*([\w-]+)")
 _CODE_SPAN = re.compile(r"`[^`]*`")
+_RULE = re.compile(r"^\|[\s:|-]+\|$")  # the |---|---| line under a table's header
 
 
 def _split_row(line: str) -> list[str]:
@@ -201,7 +208,7 @@ def parse_tables(text: str) -> list[ParsedTable]:
     while i < len(lines):
         if lines[i].startswith("```"):
             fenced = not fenced
-        if not fenced and lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1]):
+        if not fenced and lines[i].startswith("|") and i + 1 < len(lines) and _RULE.match(lines[i + 1]):
             start, header, body = i, _split_row(lines[i]), []
             i += 2
             while i < len(lines) and lines[i].startswith("|"):
@@ -239,14 +246,18 @@ def lookup(document: Any, path: str) -> Any:
     return value
 
 
+def _split_key(table: Table, key: str) -> tuple[str, str]:
+    """(JSON file, key inside it): the table's file unless the key names another."""
+    file, sep, inner = key.partition(".json:")
+    return (file + ".json", inner) if sep else (table.json, key)
+
+
 def render(table: Table, cell: Cell) -> str:
     values = []
     for key in cell.keys:
-        file, sep, inner = key.partition(".json:")
-        path, key = (file + ".json", inner) if sep else (table.json, key)
-        value = lookup(json.loads((ROOT / path).read_text()), key)
-        values.append(value * cell.scale if isinstance(value, float | int) and not isinstance(value, bool)
-                      and cell.scale != 1.0 else value)
+        path, inner = _split_key(table, key)
+        value = lookup(json.loads((ROOT / path).read_text()), inner)
+        values.append(value * cell.scale if cell.scale != 1.0 else value)
     return cell.fmt.format(*values)
 
 
@@ -257,11 +268,12 @@ def headline_problems(text: str, headlines: dict[str, Table]) -> list[str]:
                    for k, value in enumerate(row) if k > 0 and k < len(parsed.header) and _has_number(value)]
         if parsed.name is None:
             if numeric:
-                problems.append(f"README table at line {parsed.line} holds numbers ({numeric[0][2]!r}) but no "
-                                "`<!-- numbers: NAME -->` comment after it naming its entry in HEADLINES")
+                problems.append(f"README table at line {parsed.line} holds numbers ({numeric[0][2]!r}) but "
+                                "no `<!-- numbers: NAME -->` comment after it naming its entry in HEADLINES")
             continue
         if parsed.name not in headlines:
-            problems.append(f"README table at line {parsed.line}: `numbers: {parsed.name}` has no entry in HEADLINES")
+            problems.append(f"README table at line {parsed.line}: `numbers: {parsed.name}` "
+                            "has no entry in HEADLINES")
             continue
         seen.add(parsed.name)
         table = headlines[parsed.name]
@@ -280,9 +292,9 @@ def headline_problems(text: str, headlines: dict[str, Table]) -> list[str]:
                 problems.append(f"table {parsed.name!r} {row!r} / {column!r}: {error}")
                 continue
             if cells[row, column] != expected:
-                problems.append(f"table {parsed.name!r} {row!r} / {column!r}: README says {cells[row, column]!r}, "
-                                f"{table.json if not cell.keys[0].count('.json:') else cell.keys[0].split(':')[0]} "
-                                f"says {expected!r}")
+                source = _split_key(table, cell.keys[0])[0]
+                problems.append(f"table {parsed.name!r} {row!r} / {column!r}: README says "
+                                f"{cells[row, column]!r}, {source} says {expected!r}")
         for row, column, value in numeric:
             if (row, column) not in table.cells:
                 problems.append(f"table {parsed.name!r}: {value!r} at row {row!r}, column {column!r} "
@@ -396,8 +408,8 @@ def test_the_readme_starts_with_the_two_setup_commands() -> None:
 
 
 def test_each_research_page_says_what_was_verified_only_on_paper() -> None:
-    pages = ["docs/codec.md", "docs/asymmetric.md", "docs/deployment.md", "docs/benchmarks.md", "docs/security.md",
-             "protos/README.md"]
+    pages = ["docs/codec.md", "docs/asymmetric.md", "docs/deployment.md", "docs/benchmarks.md",
+             "docs/security.md", "protos/README.md"]
     assert not [page for page in pages if "only on paper" not in (ROOT / page).read_text().lower()]
 
 
