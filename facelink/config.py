@@ -400,6 +400,24 @@ class UnknownsConfig(_Config):
     )
 
 
+class GalleryIndexConfig(_Config):
+    """How the embedded gallery searches one model's templates (cloud/gallery/ann.py).
+
+    Below `hnsw_min_templates` the index is exact (flat): nothing is lost and a search costs a few
+    ms. From it on, an HNSW graph (faiss, inner product); `hnsw_ef_search` trades recall for time
+    (benchmarks/results/gallery_scale.json measures recall@1 against exact search per size).
+    """
+
+    hnsw_min_templates: int = Field(50_000, ge=1, description="templates of one model from which HNSW replaces exact search")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW links per node (memory: ~8 x M bytes per template)")
+    hnsw_ef_construction: int = Field(40, ge=8, description="HNSW build beam: larger builds slower, finds better links")
+    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search beam: larger searches slower, misses less")
+    rebuild_tombstone_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="rebuild the graph once this fraction of its nodes are erased templates"
+    )
+    snapshot: bool = Field(True, description="persist HNSW indexes in the gallery folder so a start does not rebuild them")
+
+
 class CloudConfig(_Config):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")

@@ -31,10 +31,13 @@ from typing import Literal
 
 import numpy as np
 
+from facelink.config import GalleryIndexConfig
+
 from .derived import QueryModel
 from .errors import GalleryError, UnknownIdentityError
 from .index import EmbeddingIndex, Match, unit_rows
 from .rules import GalleryLimits, check_metadata, normalize_identity
+from .snapshot import Snapshots
 from .store import (
     GalleryStore,
     IdentityRecord,
@@ -60,6 +63,10 @@ class Gallery:
         self._lock = threading.RLock()
         self._store = GalleryStore(self.directory / DB_NAME, limits)
         self._indexes: dict[str, EmbeddingIndex] = {}
+        # GallerySettings.index where the settings carry one (see snapshot.settings_with_index).
+        index_config = getattr(getattr(self, "settings", None), "index", None)
+        self._index_config: GalleryIndexConfig = index_config or GalleryIndexConfig()
+        self._snapshots = Snapshots(self.directory, self._index_config)
         try:
             self._rebuild()
         except BaseException:
@@ -80,6 +87,8 @@ class Gallery:
     def close(self) -> None:
         """Close the database; later calls raise GalleryError. Closing twice is harmless."""
         with self._lock:
+            if not self._store.closed:
+                self._snapshots.save_all(self._store, self._indexes)  # so the next start need not rebuild
             self._store.close()
             self._indexes.clear()
 
@@ -238,31 +247,26 @@ class Gallery:
                 if len(index) == 0:  # forget it, so a replace may bring a new dimension
                     del self._indexes[model_id]
                     index = None
+            self._snapshots.erase(model_id, removed)  # before returning: no file keeps them
             if added and vectors is not None:
                 if index is None:
-                    index = self._indexes[model_id] = EmbeddingIndex(vectors.shape[1])
+                    index = self._indexes[model_id] = EmbeddingIndex(vectors.shape[1], self._index_config)
                 index.add(added, vectors, [name] * len(added))
+                self._snapshots.changed(model_id)
         except Exception:
             log.exception("gallery: index update for model %r failed; rebuilding it from the store", model_id)
             self._rebuild(model_id)
 
     def _rebuild(self, model_id: str | None = None) -> None:
-        """Rebuild one model's index (or all of them) from the store."""
-        by_model: dict[str, tuple[list[int], list[np.ndarray], list[str]]] = {}
-        for model, tid, name, vector in self._store.iter_templates(model_id):
-            ids, vecs, names = by_model.setdefault(model, ([], [], []))
-            ids.append(tid)
-            vecs.append(vector)
-            names.append(name)
+        """Rebuild one model's index (or all of them) from the store; on open, from a snapshot
+        reconciled with the store where one is usable (`snapshot.Snapshots`)."""
+        loaded = self._snapshots.load_all(self._store, model_id)
         if model_id is None:
             self._indexes.clear()
         else:
             self._indexes.pop(model_id, None)
-        for model, (ids, vecs, names) in by_model.items():
-            index = EmbeddingIndex(len(vecs[0]))
-            index.add(ids, np.stack(vecs), names)
-            self._indexes[model] = index
-        if model_id is None and by_model:
+        self._indexes.update(loaded)
+        if model_id is None and loaded:
             log.info(
                 "gallery: loaded %s",
                 ", ".join(f"{len(ix)} templates of model {m!r}" for m, ix in sorted(self._indexes.items())),

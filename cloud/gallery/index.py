@@ -1,20 +1,26 @@
-"""In-memory exact cosine search over one model's templates, with faiss.
+"""In-memory cosine search over one model's templates, labelled by identity, with faiss.
 
-The index is a cache of the SQLite store, never the source of truth: it is rebuilt from the
-store on open and only touched after a store transaction has committed. Vectors are
-L2-normalised, so the inner product of `IndexFlatIP` is the cosine similarity. The flat index
-is exact (no training, no recall loss), which is what a gallery of up to a few hundred
-thousand templates needs; `IndexIDMap2` lets the faiss id be the template's row id, so a
-removal in the store maps to `remove_ids` here without any id bookkeeping of our own.
+The index is a cache of the SQLite store, never the source of truth: it is loaded from the
+store (or from a snapshot reconciled with it, `snapshot`) on open and only touched after a store
+transaction has committed. Vectors are L2-normalised, so the inner product is the cosine
+similarity. The vectors live in an exact flat index while the model holds fewer than
+`GalleryIndexConfig.hnsw_min_templates` templates (no recall loss, a few ms a search) and in an
+HNSW graph from then on (`ann`); the switch happens when the index is built or grows past it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from facelink.config import GalleryIndexConfig
+
+from .ann import FlatVectors, VectorStore, new_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,23 +59,36 @@ def unit_rows(array: np.ndarray, what: str = "embeddings") -> np.ndarray:
 
 
 class EmbeddingIndex:
-    """Exact cosine search over the templates of one model, labelled by identity.
+    """Cosine search over the templates of one model, labelled by identity.
 
     Not thread-safe by itself: `Gallery` serialises all access with its lock.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, config: GalleryIndexConfig | None = None, *, size_hint: int = 0,
+                 vectors: VectorStore | None = None, labels: dict[int, str] | None = None) -> None:
+        """An empty index for `dim`-dimensional templates, its kind chosen for `size_hint` of
+        them; or one over `vectors` (a snapshot's) whose template ids `labels` name."""
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._labels: dict[int, str] = {}  # template id -> identity name
+        self.config = config or GalleryIndexConfig()
+        self._vectors: VectorStore = vectors if vectors is not None else new_store(dim, size_hint, self.config)
+        self._labels: dict[int, str] = labels if labels is not None else {}  # template id -> identity name
 
     @property
     def dim(self) -> int:
-        return int(self._index.d)
+        return self._vectors.dim
+
+    @property
+    def kind(self) -> str:
+        """flat (exact) or hnsw (approximate)."""
+        return self._vectors.kind
+
+    @property
+    def vectors(self) -> VectorStore:
+        return self._vectors
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._vectors)
 
     def add(self, ids: Sequence[int], vectors: np.ndarray, labels: Sequence[str]) -> None:
         """Add unit `vectors` (n, dim) under template `ids`, each belonging to identity `labels[i]`."""
@@ -81,18 +100,33 @@ class EmbeddingIndex:
             )
         if len(ids_arr) == 0:
             return
-        self._index.add_with_ids(vecs, ids_arr)
+        if isinstance(self._vectors, FlatVectors) and len(self) + len(ids_arr) >= self.config.hnsw_min_templates:
+            self._restore(len(self) + len(ids_arr))  # grown past the threshold: exact -> HNSW
+        self._vectors.add(ids_arr, vecs)
         self._labels.update(zip(ids_arr.tolist(), labels))
 
     def remove(self, ids: Sequence[int]) -> int:
-        """Remove templates by id; ids not in the index are ignored. Returns how many were removed."""
+        """Remove templates by id, overwriting their vectors; ids not in the index are ignored.
+        Returns how many were removed."""
         ids_arr = np.asarray(ids, dtype=np.int64)
         if len(ids_arr) == 0:
             return 0
-        removed = int(self._index.remove_ids(ids_arr))
+        removed = self._vectors.remove(ids_arr)
         for i in ids_arr.tolist():
             self._labels.pop(i, None)
+        store = self._vectors
+        if store.tombstones and store.tombstones >= self.config.rebuild_tombstone_fraction * (len(store) + store.tombstones):
+            self._restore(len(store))
         return removed
+
+    def _restore(self, size: int) -> None:
+        """Move the live vectors into a new store of the kind `size` templates call for."""
+        ids, vectors = self._vectors.live()
+        fresh = new_store(self.dim, size, self.config)
+        log.info("gallery index: %d templates, %s -> %s (%d erased nodes dropped)",
+                 len(ids), self.kind, fresh.kind, self._vectors.tombstones)
+        fresh.add(ids, vectors)
+        self._vectors = fresh
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Match]]:
         """The best `k` distinct identities per unit query row, best first.
@@ -100,8 +134,9 @@ class EmbeddingIndex:
         An identity's score is the maximum over its templates. faiss ranks templates, not
         identities, so we fetch a few templates per wanted identity and widen the fetch only
         for the rows where too many of the top templates belong to the same people. Reading
-        templates in descending score order and keeping the first hit per identity is exact:
-        the first hit of an identity is its best template.
+        templates in descending score order and keeping the first hit per identity is exact
+        for the flat index (the first hit of an identity is its best template) and as good as
+        the graph's ranking for HNSW.
         """
         n_queries = len(queries)
         total = len(self)
@@ -112,7 +147,7 @@ class EmbeddingIndex:
         fetch = min(total, 4 * k)  # enrollments typically hold a handful of templates each
         qs = np.ascontiguousarray(queries, dtype=np.float32)
         while pending.size:
-            scores, ids = self._index.search(qs[pending], fetch)
+            scores, ids = self._vectors.search(qs[pending], fetch)
             unfinished = []
             for row, q in enumerate(pending.tolist()):
                 best = self._distinct(scores[row], ids[row], k)
@@ -137,3 +172,4 @@ class EmbeddingIndex:
                 if len(out) == k:
                     break
         return out
+
