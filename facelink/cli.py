@@ -268,6 +268,7 @@ BENCHMARKS = {
     "fuzz-codecs": "facelink.benchmarks.fuzz_codecs",
     "fuzz-wire": "facelink.benchmarks.fuzz_wire",
     "crash-durability": "facelink.benchmarks.crash_durability",
+    "gallery": "facelink.benchmarks.gallery_scale",
 }
 
 
@@ -309,6 +310,8 @@ benchmarks:
                  typed answer each, no INTERNAL/UNKNOWN/hang, health answered throughout
   crash-durability  SIGKILL the service during enrollments, replacements and erasures;
                  restart and check every acknowledged call (lost, half-applied, audit)
+  gallery        the embedded gallery at 1e4-1e6 identities, exact vs HNSW, per model:
+                 start-up, RAM, search p50/p99, recall@1, enroll/erase; LFW open set vs size
 
 examples:
   facelink bench verification

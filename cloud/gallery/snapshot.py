@@ -378,7 +378,8 @@ class Snapshots:
         labels = stored_labels(store, model_id)
         out: dict[str, EmbeddingIndex] = {}
         for model, names in labels.items():
-            index = self._load(store, model, names) if model_id is None and self.config.snapshot else None
+            usable = model_id is None and self.config.snapshot and len(names) >= self.config.hnsw_min_templates
+            index = self._load(store, model, names) if usable else None
             if index is None:
                 index = build_index(store, model, self.config)
                 if index is None:
