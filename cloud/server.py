@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from facelink.v1 import gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from facelink.config import CloudConfig
-from facelink.v1 import gallery_pb2, gallery_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 
 from .audit import AuditLog
 from .auth import AuthInterceptor, Authenticator, AuthStore, RateLimiter
 from .engine import RecognitionEngine
-from .gallery import Gallery, GalleryLimits
+from .gallery import GalleryBackend, GalleryLimits, GallerySettings
+from .gallery import open_gallery as open_backend
 from .metrics import ServiceMetrics
 from .service import GalleryService, RecognitionService
 
@@ -72,11 +73,14 @@ def server_credentials(config: CloudConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def open_gallery(config: CloudConfig) -> Gallery:
-    limits = config.limits
-    return Gallery.open(config.gallery_dir, GalleryLimits(
+def open_gallery(config: CloudConfig) -> GalleryBackend:
+    """The configured gallery: embedded in `gallery_dir`, or Qdrant at `gallery_backend.url`
+    (with `gallery_dir` holding the server's own files); the service never asks which."""
+    limits, backend = config.limits, config.gallery_backend
+    settings = GallerySettings(**backend.model_dump(exclude={"url"}))
+    return open_backend(backend.url or config.gallery_dir, GalleryLimits(
         max_identities=limits.max_identities, max_pictures_per_identity=limits.max_pictures_per_identity
-    ))
+    ), settings, state_dir=config.gallery_dir)
 
 
 @dataclass
@@ -138,7 +142,7 @@ async def _build(config: CloudConfig, engine: RecognitionEngine, metrics: Servic
         "serving facelink.v1 on %s:%d over %s (recogniser %s, threshold %.3f; gallery models %s; query models %s; "
         "%d identities in %s)",
         config.host, port, transport, engine.recognizer.model_id, engine.threshold, ", ".join(engine.recognizers),
-        ", ".join(engine.query_models) or "none", len(engine.gallery), config.gallery_dir,
+        ", ".join(engine.query_models) or "none", len(engine.gallery), engine.gallery,
     )
     return _Built(server, port, health_servicer, recognition, gallery)
 

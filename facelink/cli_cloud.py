@@ -16,16 +16,32 @@ _SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, u
 
 # -- serve -------------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace) -> int:
+    from facelink.cloud.gallery import GalleryError, is_backend_url
     from facelink.cloud.server import InsecureConfigError, serve
-    from facelink.config import BatchingConfig, CloudConfig, CloudSecurity, ServiceLimits, UnknownsConfig
+    from facelink.config import (
+        BatchingConfig,
+        CloudConfig,
+        CloudSecurity,
+        GalleryBackendConfig,
+        ServiceLimits,
+        UnknownsConfig,
+    )
 
     # Repeatable options left out keep CloudConfig's defaults (auto); `--ensemble none` accepts none.
     chosen = {"gallery_models": args.gallery_model, "ensembles": args.ensemble}
     models = {key: () if value == ["none"] else tuple(value) for key, value in chosen.items() if value}
+    # --gallery is a folder (embedded) or a qdrant URL; with a URL, --state-dir keeps the
+    # server's own files (credentials, audit log, unknown people).
+    url = args.gallery if is_backend_url(args.gallery) else None
+    if url is None and args.state_dir is not None:
+        print("error: --state-dir goes with a qdrant:// --gallery; a gallery folder holds its own state", file=sys.stderr)
+        return 2
+    backend = GalleryBackendConfig(url=url, replica_poll_s=args.replica_poll, api_key_file=args.gallery_api_key_file)
     config = CloudConfig(
         host=args.host,
         port=args.port,
-        gallery_dir=args.gallery,
+        gallery_dir=(args.state_dir or Path("gallery")) if url else Path(args.gallery),
+        gallery_backend=backend,
         recognizer=args.recognizer,
         match_threshold=args.threshold,
         rejection_fraction=args.reject_fraction,
@@ -42,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         serve(config)
-    except InsecureConfigError as error:
+    except (InsecureConfigError, GalleryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -58,7 +74,10 @@ def _add_serve(cmds: argparse._SubParsersAction) -> None:
         description="""\
 Serve facelink.v1 Recognition and Gallery and the standard gRPC health service. The gallery
 is a SQLite database in WAL mode under --gallery (files 0600); the search index is rebuilt
-from it at start.
+from it at start. Several servers may share one gallery folder on one host (replicas see each
+other's changes within --replica-poll seconds; not over NFS). --gallery qdrant://HOST:6334
+keeps it in a Qdrant cluster instead (qdrants:// for TLS, API key from $FACELINK_QDRANT_API_KEY
+or --gallery-api-key-file; docs/gallery.md), and any number of servers share it.
 
 Secure by default: every call but health checks needs a bearer token or a client
 certificate, and a scope (`facelink cloud token --help`). Plaintext is allowed on loopback
@@ -79,13 +98,23 @@ examples:
   facelink cloud serve --gallery ./gallery --host 0.0.0.0 \\
       --tls-cert pki/server.crt --tls-key pki/server.key --client-ca pki/ca.crt
   facelink cloud serve --ensemble facelink-query-v9 --reject-fraction 0.05 --reject-action drop
-  facelink cloud serve --ensemble none                                   # no query models""",
+  facelink cloud serve --ensemble none                                   # no query models
+  facelink cloud serve --gallery qdrants://qdrant.internal:6334/site-a --state-dir /var/lib/facelink""",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
-    serve.add_argument("--gallery", type=Path, default=Path("gallery"), help="gallery folder (default ./gallery)")
+    serve.add_argument("--gallery", default="gallery",
+                       help="gallery folder (default ./gallery), or qdrant://HOST:PORT[/PREFIX], qdrants://..., "
+                            "qdrant+local:///PATH")
+    serve.add_argument("--state-dir", type=Path,
+                       help="with a qdrant --gallery: folder for auth.json, audit.jsonl, unknowns (default ./gallery)")
+    serve.add_argument("--gallery-api-key-file", type=Path, metavar="FILE",
+                       help="Qdrant API key file (else $FACELINK_QDRANT_API_KEY; never on the command line)")
+    serve.add_argument("--replica-poll", type=float, default=0.5, metavar="S",
+                       help="replicas on one gallery folder see each other's changes within S seconds (default 0.5)")
     serve.add_argument("--recognizer", default="auto",
-                       help="manifest name or path; auto = MobileFaceNet if ../shared has it, else dlib-resnet")
+                       help="manifest name or path; auto = EdgeFace-XS, else MobileFaceNet, whichever ../shared "
+                            "has first, else dlib-resnet")
     serve.add_argument("--threshold", type=float, help="cosine match threshold of --recognizer (default: the manifest's)")
     serve.add_argument("--gallery-model", action="append", metavar="MANIFEST",
                        help="a recogniser whose embeddings enrollment stores besides --recognizer; repeatable "

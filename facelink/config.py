@@ -418,11 +418,44 @@ class GalleryIndexConfig(_Config):
     snapshot: bool = Field(True, description="persist HNSW indexes in the gallery folder so a start does not rebuild them")
 
 
+class GalleryBackendConfig(_Config):
+    """Which gallery backend serves, and how replicas share it (docs/gallery.md).
+
+    `url` None keeps the embedded gallery (SQLite + faiss) in `CloudConfig.gallery_dir`;
+    `qdrant://host:6334[/prefix]` (gRPC, plaintext), `qdrants://...` (TLS) or
+    `qdrant+local:///path` puts it in Qdrant, and `gallery_dir` then holds only the server's own
+    files (auth.json, audit.jsonl, unknowns.sqlite3). The Qdrant API key is never configured
+    here: it is read from $FACELINK_QDRANT_API_KEY or `api_key_file`.
+    """
+
+    url: str | None = Field(None, description="qdrant://host:6334[/prefix], qdrants://..., qdrant+local:///path; None: embedded")
+    replica_poll_s: float = Field(
+        0.5, gt=0, le=60,
+        description="embedded replicas on one folder: a change made through one is searched by the others within this",
+    )
+    feed_retention_s: float = Field(3600.0, ge=60, description="embedded change-feed entries kept this long")
+    api_key_file: Path | None = Field(None, description="file holding the Qdrant API key (0600), if not in the environment")
+    timeout_s: float = Field(10.0, gt=0, description="Qdrant call timeout")
+    shards: int = Field(1, ge=1, description="Qdrant shards per collection, set when the collections are created")
+    replication_factor: int = Field(1, ge=1, description="copies of each Qdrant shard")
+    write_consistency_factor: int = Field(1, ge=1, description="copies a Qdrant write waits for")
+    pending_grace_s: float = Field(
+        600.0, gt=0, description="Qdrant points a crashed enrollment left pending are deleted after this long"
+    )
+
+
 class CloudConfig(_Config):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
-    gallery_dir: Path = Field(Path("gallery"), description="where the durable gallery lives")
-    recognizer: str = Field("auto", description="manifest name or path; auto: MobileFaceNet if present, else dlib")
+    gallery_dir: Path = Field(
+        Path("gallery"),
+        description="where the durable gallery lives (embedded), and the server's credentials and audit log (either backend)",
+    )
+    gallery_backend: GalleryBackendConfig = GalleryBackendConfig()
+    recognizer: str = Field(
+        "auto", description="manifest name or path; auto: the strongest whose weights are present (EdgeFace-XS, "
+        "then MobileFaceNet, from ../shared), else dlib (docs/recognisers.md)"
+    )
     match_threshold: float | None = Field(
         None, description="cosine threshold of `recognizer`; None takes its manifest's (other models always do)"
     )

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from facelink.cloud.gallery import (
+    SCHEMA_VERSION,
     Gallery,
     GalleryError,
     IdentityRecord,
@@ -323,10 +324,10 @@ def test_a_version_1_gallery_is_migrated_in_place_and_stays_searchable(tmp_path,
                 (MODEL, DIM, row.astype("<f4").tobytes(), f"alice{i}.jpg"),
             )
     conn.close()
-    for _ in range(2):  # migrated on the first open; the second finds version 2 and leaves it
+    for _ in range(2):  # migrated on the first open; the second finds the current version and leaves it
         with Gallery(tmp_path) as g:
             db = g._store._db()
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             columns = [c[1] for c in db.execute("PRAGMA table_info(templates)")]
             assert columns[-3:] == ["status", "uncertainty", "reason"]
             (matches,) = g.search(MODEL, near(rng, vectors[1]), k=1)

@@ -1,5 +1,9 @@
 """The cloud gallery: who the server can name.
 
+Two backends behind one interface (`GalleryBackend`, chosen by `open_gallery(spec)`): the
+embedded `Gallery` and the distributed `QdrantGallery` (qdrant.py, imported on demand so that
+qdrant-client stays optional).
+
 `Gallery` keeps enrolled face templates durably in SQLite (`GalleryStore`) and searches them
 with one exact faiss cosine index per model (`EmbeddingIndex`). Query models are served from
 templates derived from the stored gallery-model ones (`QueryModel`). What a client may store
@@ -7,6 +11,7 @@ templates derived from the stored gallery-model ones (`QueryModel`). What a clie
 behind in the files is in `store`.
 """
 
+from .backend import GalleryBackend, GallerySettings, is_backend_url, open_gallery
 from .derived import QueryModel
 from .errors import (
     GalleryError,
@@ -31,9 +36,11 @@ __all__ = [
     "STATUSES",
     "EmbeddingIndex",
     "Gallery",
+    "GalleryBackend",
     "GalleryError",
     "GalleryLimits",
     "GalleryQuotaError",
+    "GallerySettings",
     "GalleryStore",
     "IdentityRecord",
     "InvalidIdentityError",
@@ -43,5 +50,7 @@ __all__ = [
     "TemplateRecord",
     "UnknownIdentityError",
     "check_metadata",
+    "is_backend_url",
     "normalize_identity",
+    "open_gallery",
 ]

@@ -15,6 +15,14 @@ everything a client can store is bounded by `GalleryLimits`.
 One `Gallery` is shared by the gRPC server's worker threads. A single re-entrant lock
 serialises every call: SQLite allows one writer anyway, and a search over an exact flat index
 is short next to the network round trip, so finer locking would buy little.
+
+Replicas: several server processes on one host may open the same folder (SQLite's WAL mode
+serialises their writes; a network file system is not supported, as SQLite's locking is not
+reliable there). Each write appends to the store's change feed in its own transaction, and a
+search first applies the other processes' entries to this process's indexes whenever its last
+look at the feed is older than `GallerySettings.replica_poll_s`. So an enrollment or erasure
+committed through one replica is seen by every replica's searches at most that long after it
+committed. Listing, membership and erasure read the store itself and are never stale.
 """
 
 from __future__ import annotations
@@ -23,22 +31,23 @@ import builtins
 import logging
 import os
 import threading
-import uuid
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 import numpy as np
 
 from facelink.config import GalleryIndexConfig
 
+from .backend import ContextClosing, GallerySettings, check_dim, check_page, check_search, prepare_pictures
 from .derived import QueryModel
 from .errors import GalleryError, UnknownIdentityError
 from .index import EmbeddingIndex, Match, unit_rows
 from .rules import GalleryLimits, check_metadata, normalize_identity
 from .snapshot import Snapshots
 from .store import (
+    Change,
     GalleryStore,
     IdentityRecord,
     TemplateRecord,
@@ -54,29 +63,37 @@ DB_NAME = "gallery.sqlite3"
 DIR_MODE = 0o700
 
 
-class Gallery:
+class Gallery(ContextClosing):
     """Enrolled identities and nearest-identity search, safe to share between threads."""
 
-    def __init__(self, directory: str | Path, limits: GalleryLimits | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, limits: GalleryLimits | None = None, settings: GallerySettings | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self.settings = settings or GallerySettings()
         _make_private_dir(self.directory)
         self._lock = threading.RLock()
-        self._store = GalleryStore(self.directory / DB_NAME, limits)
+        self._store = GalleryStore(self.directory / DB_NAME, limits, feed_retention_s=self.settings.feed_retention_s)
         self._indexes: dict[str, EmbeddingIndex] = {}
         # GallerySettings.index where the settings carry one (see snapshot.settings_with_index).
         index_config = getattr(getattr(self, "settings", None), "index", None)
         self._index_config: GalleryIndexConfig = index_config or GalleryIndexConfig()
         self._snapshots = Snapshots(self.directory, self._index_config)
         try:
+            # Read before loading: what other replicas commit meanwhile is applied by _catch_up.
+            self._seen = self._store.feed_head()
+            self._polled = time.monotonic()
             self._rebuild()
         except BaseException:
             self._store.close()
             raise
 
     @classmethod
-    def open(cls, directory: str | Path, limits: GalleryLimits | None = None) -> Gallery:
+    def open(
+        cls, directory: str | Path, limits: GalleryLimits | None = None, settings: GallerySettings | None = None
+    ) -> Gallery:
         """Open (creating if needed) the gallery in `directory`; same as the constructor."""
-        return cls(directory, limits)
+        return cls(directory, limits, settings)
 
     @property
     def limits(self) -> GalleryLimits:
@@ -91,14 +108,6 @@ class Gallery:
                 self._snapshots.save_all(self._store, self._indexes)  # so the next start need not rebuild
             self._store.close()
             self._indexes.clear()
-
-    def __enter__(self) -> Gallery:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if self._store.closed:
@@ -157,18 +166,7 @@ class Gallery:
         overwritten. All or nothing. Returns (pictures added, pictures the identity now holds).
         Raises as `enroll` does, and ValueError if the arrays differ in length.
         """
-        normalize_identity(identity)
-        if not embeddings:
-            raise ValueError("embeddings must hold at least one gallery model")
-        vectors = {validate_model_id(m): unit_rows(e, f"{m} embeddings") for m, e in embeddings.items()}
-        sizes = {len(v) for v in vectors.values()}
-        if len(sizes) != 1 or 0 in sizes:
-            raise ValueError(f"every model needs the same, non-zero number of pictures; got {sorted(sizes)}")
-        keys = [uuid.uuid4().hex for _ in range(sizes.pop())]
-        batches = [Templates.ok(m, v, keys) for m, v in vectors.items()]
-        batches += [q.derive(vectors, keys) for q in query_models]
-        if len({b.model_id for b in batches}) != len(batches):
-            raise ValueError(f"a model appears twice among {[b.model_id for b in batches]}")
+        keys, batches = prepare_pictures(identity, embeddings, query_models)
         totals = self._add(identity, batches, "identity" if replace else None, metadata)
         # Counted as list() counts: pictures, in the model holding the most of them.
         return len(keys), max(totals.values())
@@ -281,21 +279,53 @@ class Gallery:
         when the model has no templates. Raises ValueError for a bad array or a dimension other
         than the model's.
         """
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        validate_model_id(model_id)
-        qs = unit_rows(queries, "queries")
+        qs = check_search(model_id, queries, k)
         with self._lock:
             self._check_open()
+            self._catch_up()
             index = self._indexes.get(model_id)
             if index is None:
                 return [[] for _ in range(len(qs))]
-            if qs.shape[1] != index.dim:
-                raise ValueError(
-                    f"model {model_id!r} holds {index.dim}-dimensional templates; "
-                    f"got {qs.shape[1]}-dimensional queries"
-                )
+            check_dim(model_id, index.dim, qs.shape[1])
             return index.search(qs, k)
+
+    def _catch_up(self, force: bool = False) -> None:
+        """Apply the changes other replicas made to this process's indexes, at most every
+        `replica_poll_s` (one indexed SELECT when nothing changed). Called with the lock held."""
+        now = time.monotonic()
+        if not force and now - self._polled < self.settings.replica_poll_s:
+            return
+        floor, head, changes = self._store.changes_since(self._seen)
+        self._polled = now
+        if self._seen < floor:  # entries this replica had not applied were pruned: start over
+            log.warning("gallery: change feed pruned past this replica's position; reloading every index")
+            self._seen = head
+            self._rebuild()
+            return
+        self._seen = head
+        if changes:
+            self._apply(changes)
+
+    def _apply(self, changes: builtins.list[Change]) -> None:
+        """Mirror other replicas' committed changes. Idempotent: a template is removed, then
+        added back only if the store still holds it as searchable, so entries may overlap what
+        a rebuild already loaded and may arrive in any order."""
+        touched: dict[str, set[int]] = {}
+        rebuilt = {c.model_id for c in changes if c.kind == "rebuild"}
+        for change in changes:
+            if change.model_id not in rebuilt and change.template_id is not None:
+                touched.setdefault(change.model_id, set()).add(change.template_id)
+        for model_id in sorted(rebuilt):
+            self._rebuild(model_id)
+        for model_id, ids in touched.items():
+            self._mirror(model_id, sorted(ids), [], None, "")
+            by_name: dict[str, tuple[builtins.list[int], builtins.list[np.ndarray]]] = {}
+            for _, tid, name, vector in self._store.iter_templates(model_id, sorted(ids)):
+                tids, vectors = by_name.setdefault(name, ([], []))
+                tids.append(tid)
+                vectors.append(vector)
+            for name, (tids, vectors) in by_name.items():
+                self._mirror(model_id, [], tids, np.stack(vectors), name)
 
     def templates_of(self, identity: str) -> builtins.list[TemplateRecord]:
         """Every template of `identity`: each model's, dropped ones included, with status,
@@ -349,8 +379,7 @@ class Gallery:
         `IdentityRecord.templates` counts the identity's templates in the model where it has
         the most (that is, its enrollment images), not the sum over models.
         """
-        if offset < 0 or limit < 0:
-            raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        check_page(offset, limit)
         with self._lock:
             self._check_open()
             return self._store.list_identities(offset, limit)

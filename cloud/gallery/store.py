@@ -52,6 +52,7 @@ import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ from .rules import MAX_NAME_LENGTH, GalleryLimits, normalize_identity, stored_fo
 log = logging.getLogger(__name__)
 
 __all__ = [  # the errors are re-exported: callers imported them from here before errors.py existed
-    "MAX_NAME_LENGTH", "SCHEMA_VERSION", "STATUSES", "AddResult", "GalleryError", "GalleryQuotaError",
+    "MAX_NAME_LENGTH", "SCHEMA_VERSION", "STATUSES", "AddResult", "Change", "GalleryError", "GalleryQuotaError",
     "GalleryStore", "IdentityRecord", "InvalidIdentityError", "TemplateRecord", "Templates",
     "UnknownIdentityError", "enable_erasure_pragmas", "make_private", "private_umask", "truncate_wal", "validate_identity", "validate_model_id",
 ]
@@ -81,7 +82,7 @@ BUSY_TIMEOUT_MS = 10_000
 #: lock, and a blocked checkpoint is retried after the next write anyway.
 SCRUB_WAIT_MS = 500
 #: Bumped whenever the schema changes; a file with a larger version is refused, not guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: What the rejection policy decided about a template; "dropped" templates are kept, never indexed.
 STATUSES = ("ok", "flagged", "dropped")
 
@@ -120,6 +121,25 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         " CHECK (status IN ('ok', 'flagged', 'dropped'))",
         "ALTER TABLE templates ADD COLUMN uncertainty REAL",
         "ALTER TABLE templates ADD COLUMN reason TEXT",
+    ),
+    # The change feed: several server processes (replicas) may share one gallery file, each with
+    # its own in-memory indexes. Every write appends what it changed here, in its own
+    # transaction, under a sequence that only grows; a replica applies the others' entries
+    # before it searches (Gallery._catch_up). Entries hold template ids and model ids only,
+    # never a name or a vector: an erasure leaves nothing of the person in the feed.
+    3: (
+        """CREATE TABLE IF NOT EXISTS changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so 'after seq n' is well defined
+            writer TEXT NOT NULL,                   -- which open GalleryStore wrote it (a replica skips its own)
+            kind TEXT NOT NULL CHECK (kind IN ('add', 'remove', 'rebuild')),
+            model_id TEXT NOT NULL,
+            template_id INTEGER,                    -- NULL for a rebuild of the whole model
+            created_us INTEGER NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS changes_created ON changes(created_us)",
+        # The highest pruned seq: a replica that has not seen up to it missed entries, and rebuilds.
+        "CREATE TABLE IF NOT EXISTS feed (id INTEGER PRIMARY KEY CHECK (id = 1), floor INTEGER NOT NULL)",
+        "INSERT OR IGNORE INTO feed (id, floor) VALUES (1, 0)",
     ),
 }
 
@@ -181,6 +201,16 @@ class Templates:
 
 
 @dataclass(frozen=True)
+class Change:
+    """One change-feed entry another replica wrote: templates added or removed, or a model rebuilt."""
+
+    seq: int
+    kind: Literal["add", "remove", "rebuild"]
+    model_id: str
+    template_id: int | None
+
+
+@dataclass(frozen=True)
 class AddResult:
     """What `GalleryStore.add_templates` changed, so the caller can mirror it in its indexes."""
 
@@ -207,9 +237,14 @@ def now_us() -> int:
 class GalleryStore:
     """Identities and templates in `path` (an SQLite file, created if missing, mode 0600)."""
 
-    def __init__(self, path: str | Path, limits: GalleryLimits | None = None) -> None:
+    def __init__(
+        self, path: str | Path, limits: GalleryLimits | None = None, *, feed_retention_s: float = 3600.0
+    ) -> None:
         self.path = Path(path)
         self.limits = limits or GalleryLimits()
+        # Names this connection's change-feed entries, so that its own Gallery skips them.
+        self.writer = uuid.uuid4().hex
+        self.feed_retention_s = feed_retention_s
         self._scrub_pending = False  # an erasure whose WAL frames a checkpoint has not yet cleared
         make_private(self.path)  # existing files, before SQLite reads or appends anything
         # Under umask 077: the file, and the -wal and -shm files SQLite creates when it opens it.
@@ -346,6 +381,8 @@ class GalleryStore:
             for batch in batches:
                 self._check_dim(batch)
             added = {b.model_id: _insert(conn, [identity_id] * len(b.vectors), b, created) for b in batches}
+            self._log(conn, "remove", removed)
+            self._log(conn, "add", added)
             totals = conn.execute(
                 "SELECT model_id, COUNT(*) FROM templates WHERE identity_id = ? GROUP BY model_id", (identity_id,)
             ).fetchall()
@@ -459,6 +496,7 @@ class GalleryStore:
             for key, vectors in pictures.items():
                 groups.setdefault(tuple(sorted(vectors)), []).append(key)
             conn.execute("DELETE FROM templates WHERE model_id = ?", (model_id,))
+            self._log(conn, "rebuild", {model_id: [None]})
             created = now_us()
             for models, keys in groups.items():
                 batch = derive({m: np.stack([pictures[k][m] for k in keys]) for m in models}, [sources[k] for k in keys])
@@ -483,8 +521,40 @@ class GalleryStore:
             for tid, model_id in rows:
                 removed.setdefault(model_id, []).append(tid)
             conn.execute("DELETE FROM identities WHERE id = ?", (identity_id,))  # templates go by cascade
+            self._log(conn, "remove", removed)
         self.scrub()
         return removed
+
+    def _log(self, conn: sqlite3.Connection, kind: str, ids: Mapping[str, Sequence[int | None]]) -> None:
+        """Append change-feed entries in the caller's transaction, and prune old ones."""
+        created = now_us()
+        conn.executemany(
+            "INSERT INTO changes (writer, kind, model_id, template_id, created_us) VALUES (?, ?, ?, ?, ?)",
+            [(self.writer, kind, model_id, tid, created) for model_id, tids in ids.items() for tid in tids],
+        )
+        cutoff = created - int(self.feed_retention_s * 1e6)
+        (pruned,) = conn.execute("SELECT MAX(seq) FROM changes WHERE created_us < ?", (cutoff,)).fetchone()
+        if pruned is not None:
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (pruned,))
+            conn.execute("UPDATE feed SET floor = MAX(floor, ?) WHERE id = 1", (pruned,))
+
+    def feed_head(self) -> int:
+        """The newest change-feed sequence number (0 for none): read before loading the indexes,
+        so that what is committed meanwhile is applied later."""
+        row = self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def changes_since(self, seq: int) -> tuple[int, int, list[Change]]:
+        """(floor, head, entries): the feed's pruned floor, its newest seq, and the entries after
+        `seq` that other writers made. One indexed read; `seq < floor` means entries were missed."""
+        with self._read() as conn:
+            (floor,) = conn.execute("SELECT floor FROM feed WHERE id = 1").fetchone()
+            rows = conn.execute(
+                "SELECT seq, writer, kind, model_id, template_id FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+            ).fetchall()
+        head = max([seq, *(r[0] for r in rows)])
+        changes = [Change(s, k, m, t) for s, w, k, m, t in rows if w != self.writer]
+        return int(floor), head, changes
 
     def scrub(self) -> bool:
         """Move every WAL frame into the database file and truncate the WAL to zero bytes.
@@ -563,8 +633,11 @@ class GalleryStore:
         row = self._db().execute(sql, (model_id,)).fetchone()
         return None if row is None else int(row[0])
 
-    def iter_templates(self, model_id: str | None = None) -> Iterator[tuple[str, int, str, np.ndarray]]:
-        """Yield (model_id, template id, identity name, vector) for every searchable template.
+    def iter_templates(
+        self, model_id: str | None = None, ids: Sequence[int] | None = None
+    ) -> Iterator[tuple[str, int, str, np.ndarray]]:
+        """Yield (model_id, template id, identity name, vector) for every searchable template
+        (of `model_id`, and among `ids`, where given).
 
         Dropped templates are left out: they stay on record but must never match. A blob of the
         wrong length or with non-finite values is skipped with a warning naming the template:
@@ -574,10 +647,13 @@ class GalleryStore:
             "SELECT t.model_id, t.id, i.name, t.dim, t.vector FROM templates t"
             " JOIN identities i ON i.id = t.identity_id WHERE t.status != 'dropped'"
         )
-        params: tuple[str, ...] = ()
+        params: tuple[str | int, ...] = ()
         if model_id is not None:
             sql += " AND t.model_id = ?"
             params = (model_id,)
+        if ids is not None:
+            sql += f" AND t.id IN ({', '.join('?' * len(ids))})"
+            params += tuple(ids)
         with self._read() as conn:
             rows = conn.execute(sql + " ORDER BY t.model_id, t.id", params).fetchall()
         for model, tid, name, dim, blob in rows:
