@@ -269,6 +269,7 @@ BENCHMARKS = {
     "fuzz-wire": "facelink.benchmarks.fuzz_wire",
     "crash-durability": "facelink.benchmarks.crash_durability",
     "gallery": "facelink.benchmarks.gallery_scale",
+    "gallery-backends": "facelink.benchmarks.gallery_backends",
 }
 
 
@@ -310,6 +311,8 @@ benchmarks:
                  typed answer each, no INTERNAL/UNKNOWN/hang, health answered throughout
   crash-durability  SIGKILL the service during enrollments, replacements and erasures;
                  restart and check every acknowledged call (lost, half-applied, audit)
+  gallery-backends  the embedded gallery and Qdrant (local mode) at 1e5 identities:
+                 enrollments/s, search p50/p99, erasure, reopen
   gallery        the embedded gallery at 1e4-1e6 identities, exact vs HNSW, per model:
                  start-up, RAM, search p50/p99, recall@1, enroll/erase; LFW open set vs size
 

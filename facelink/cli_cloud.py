@@ -36,7 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
     if url is None and args.state_dir is not None:
         print("error: --state-dir goes with a qdrant:// --gallery; a gallery folder holds its own state", file=sys.stderr)
         return 2
-    backend = GalleryBackendConfig(url=url, replica_poll_s=args.replica_poll, api_key_file=args.gallery_api_key_file)
+    backend = GalleryBackendConfig(
+        url=url, replica_poll_s=args.replica_poll, api_key_file=args.gallery_api_key_file, shards=args.qdrant_shards,
+        replication_factor=args.qdrant_replication, write_consistency_factor=args.qdrant_write_consistency,
+    )
     config = CloudConfig(
         host=args.host,
         port=args.port,
@@ -112,6 +115,10 @@ examples:
                        help="Qdrant API key file (else $FACELINK_QDRANT_API_KEY; never on the command line)")
     serve.add_argument("--replica-poll", type=float, default=0.5, metavar="S",
                        help="replicas on one gallery folder see each other's changes within S seconds (default 0.5)")
+    for flag, what in (("shards", "shards of each collection"), ("replication", "copies of each shard"),
+                       ("write-consistency", "copies a write waits for")):
+        serve.add_argument(f"--qdrant-{flag}", type=int, default=1, metavar="N",
+                           help=f"Qdrant {what}, set when the gallery's collections are created (default 1)")
     serve.add_argument("--recognizer", default="auto",
                        help="manifest name or path; auto = EdgeFace-XS, else MobileFaceNet, whichever ../shared "
                             "has first, else dlib-resnet")

@@ -286,3 +286,44 @@ def test_a_restart_keeps_everything(opener: Opener, tmp_path: Path) -> None:
     with pytest.raises(GalleryError):
         gallery.search(A, ada[A][:1], k=1)
     assert state(opener()) == before
+
+
+# -- choosing and reaching a backend -----------------------------------------------------------
+
+def test_gallery_urls_are_parsed_and_unsafe_ones_refused(tmp_path: Path) -> None:
+    from facelink.cloud.gallery.backend import is_backend_url, parse_qdrant_url
+
+    remote = parse_qdrant_url("qdrants://db.internal/site-a")
+    assert (remote.host, remote.port, remote.prefix, remote.tls, remote.local) == ("db.internal", 6334, "site-a", True, False)
+    assert parse_qdrant_url("qdrant://10.0.0.5:7334").prefix == "facelink"
+    assert parse_qdrant_url(f"qdrant+local://{tmp_path}").path == tmp_path
+    assert is_backend_url("qdrant://x") and not is_backend_url("gallery") and not is_backend_url(tmp_path)
+    for bad, why in (("qdrant://user:secret@db:6334", "no user, password"), ("qdrant://db:6334?api_key=x", "query"),
+                     ("qdrant://db:6334/a/b", "prefix"), ("qdrant://:6334", "no host"), ("qdrant://db:99999", "(?i)port"),
+                     ("qdrant+local://", "needs a folder")):
+        with pytest.raises(GalleryError, match=why):
+            parse_qdrant_url(bad)
+    with pytest.raises(GalleryError, match="unknown URL scheme"):
+        open_gallery("postgres://db/gallery", state_dir=tmp_path)
+    with pytest.raises(GalleryError, match="state folder"):
+        open_gallery("qdrant://db:6334")
+
+
+def test_the_api_key_comes_from_the_environment_or_a_file_and_never_travels_in_plaintext(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("qdrant_client")
+    from facelink.cloud.gallery.backend import API_KEY_ENV, GallerySettings, parse_qdrant_url, read_api_key
+    from facelink.cloud.gallery.qdrant import QdrantGallery
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    settings = GallerySettings(api_key_file=key_file)
+    assert read_api_key(settings, {}) == "from-file"
+    assert read_api_key(settings, {API_KEY_ENV: "from-env"}) == "from-env"
+    assert read_api_key(GallerySettings(), {}) is None
+    key_file.write_text("")
+    with pytest.raises(GalleryError, match="empty"):
+        read_api_key(settings, {})
+    monkeypatch.setenv(API_KEY_ENV, "secret")
+    with pytest.raises(GalleryError, match="plaintext") as refused:
+        QdrantGallery.connect(parse_qdrant_url("qdrant://db.example:6334"), tmp_path / "state")
+    assert "secret" not in str(refused.value)
