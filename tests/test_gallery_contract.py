@@ -327,3 +327,20 @@ def test_the_api_key_comes_from_the_environment_or_a_file_and_never_travels_in_p
     with pytest.raises(GalleryError, match="plaintext") as refused:
         QdrantGallery.connect(parse_qdrant_url("qdrant://db.example:6334"), tmp_path / "state")
     assert "secret" not in str(refused.value)
+
+
+def test_the_server_opens_the_configured_backend_and_keeps_its_own_files_in_the_state_folder(tmp_path: Path) -> None:
+    pytest.importorskip("qdrant_client")
+    from facelink.cloud.gallery import Gallery
+    from facelink.cloud.gallery.qdrant import QdrantGallery
+    from facelink.cloud.server import open_gallery as server_gallery
+    from facelink.config import CloudConfig, GalleryBackendConfig
+
+    embedded = CloudConfig(gallery_dir=tmp_path / "folder")
+    with server_gallery(embedded) as gallery:
+        assert isinstance(gallery, Gallery) and gallery.directory == tmp_path / "folder"
+    url = f"qdrant+local://{tmp_path / 'engine'}"
+    remote = CloudConfig(gallery_dir=tmp_path / "state", gallery_backend=GalleryBackendConfig(url=url))
+    with server_gallery(remote) as gallery:
+        assert isinstance(gallery, QdrantGallery) and gallery.directory == tmp_path / "state"
+        assert remote.auth_path.parent == gallery.directory  # tokens and audit log stay local

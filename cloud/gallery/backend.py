@@ -32,6 +32,8 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from facelink.config import GalleryIndexConfig
+
 from .derived import QueryModel
 from .errors import GalleryError
 from .index import Match, unit_rows
@@ -126,6 +128,9 @@ class GallerySettings:
     write_consistency_factor: int = 1
     #: Picture points still marked pending after this long are a crashed enrollment's: deleted.
     pending_grace_s: float = 600.0
+    #: The embedded gallery's index choice (exact below a size, HNSW above; cloud/gallery/ann.py);
+    #: None takes GalleryIndexConfig's defaults. Qdrant indexes by its own collection settings.
+    index: GalleryIndexConfig | None = None
 
 
 @dataclass(frozen=True)

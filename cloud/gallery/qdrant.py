@@ -310,9 +310,10 @@ class QdrantGallery(ContextClosing):
         old templates and others' new ones (each picture's own is old or new, never mixed).
         Replicas that rebuild at once write the same values. Returns counts per status."""
         target = query_model.model_id
-        members = [m for m in query_model.gallery_models if vector_name(m) in self._dims]
         counts = dict.fromkeys(STATUSES, 0)
         with self._lock:
+            self._load_dims()  # vectors another replica created since
+            members = [m for m in query_model.gallery_models if vector_name(m) in self._dims]
             groups: dict[tuple[str, ...], builtins.list[Any]] = {}
             orphans = []  # pictures holding a template of `target` but none of its members
             vectors = [vector_name(m) for m in members]
