@@ -269,6 +269,7 @@ BENCHMARKS = {
     "fuzz-wire": "facelink.benchmarks.fuzz_wire",
     "crash-durability": "facelink.benchmarks.crash_durability",
     "gallery": "facelink.benchmarks.gallery_scale",
+    "upgrade": "facelink.benchmarks.upgrade",
     "gallery-backends": "facelink.benchmarks.gallery_backends",
 }
 
@@ -302,6 +303,8 @@ benchmarks:
   latency        p50/p99 latency, size and peak memory per model and backend, and the
                  whole edge path per face
   asymmetric     query model vs the transformed gallery ensemble: 1:1, 1:N, cost, rejection
+  upgrade        a new recogniser served from the old one's stored embeddings (transformed
+                 templates) against native ones: 1:1, 1:N, mixed galleries, upgrade speed
   load           the service under 1-256 streams of real learned-codec faces: faces/s,
                  p50/p99, health latency, server memory, against the in-process engine
   video          a ground-truth video of LFW people through the edge and a real cloud, per

@@ -75,7 +75,9 @@ def _print_measured(measured: dict, target: str) -> None:
         print(f"measured ({measured.get('set', 'LFW 1:N')}; {measured.get('date', '?')}): {target} probes against "
               f"transformed templates: rank-1 {measured['rank1_transformed']:.2f}% vs {measured['rank1_native']:.2f}% "
               f"native ({100 * measured['rank1_ratio']:.1f}% of native), DIR@FAR=1% {measured['dir_transformed']:.2f}% "
-              f"vs {measured['dir_native']:.2f}%")
+              f"vs {measured['dir_native']:.2f}%"
+              + (f"; before the upgrade (the old model on both sides) rank-1 {measured['rank1_before']:.2f}%, "
+                 f"DIR {measured['dir_before']:.2f}%" if "rank1_before" in measured and "dir_before" in measured else ""))
     else:
         print("measured: " + json.dumps(measured))
 

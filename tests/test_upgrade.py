@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from facelink.cloud.gallery import Gallery
 from facelink.cloud.upgrade import upgrade_gallery
 from facelink.runtime.asymmetric import unit
 from facelink.runtime.manifest import ManifestError, file_sha256, load_manifest
 from facelink.runtime.upgrade import TRANSFORMED, bundled_upgrades, find_upgrade, load_upgrade
 
+from facelink.config import shared_dir
+
+from .support import SHARED_LFW, SHARED_MOBILEFACENET, lfw_image, read_rgb
 from .test_asymmetric_runtime import ensemble_in
 
 OLD, NEW = "oldrec@1", "newrec@1"
@@ -152,3 +154,33 @@ def test_the_bundled_upgrade_maps_mobilefacenet_into_edgeface_and_says_what_it_c
     assert {"rank1_native", "rank1_transformed", "rank1_ratio", "dir_native", "dir_transformed"} <= set(measured)
     out = upgrade.ensemble.transform({spec.gallery_model: vectors(2, 7)[:, :1].repeat(128, axis=1)}).vectors
     assert out.shape == (2, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif("mobilefacenet-to-edgeface-xs" not in bundled_upgrades(), reason="no bundled upgrade transform")
+@pytest.mark.skipif(not (SHARED_LFW.is_dir() and SHARED_MOBILEFACENET.is_file()
+                         and (shared_dir() / "models" / "edgeface" / "edgeface_xs_fp32.onnx").is_file()),
+                    reason="needs LFW, MobileFaceNet and EdgeFace from the shared folder")
+def test_a_mobilefacenet_gallery_upgraded_is_recognised_by_an_edgeface_server(tmp_path: Path) -> None:
+    """Enrolled under MobileFaceNet, upgraded with the bundled transform, served with EdgeFace as the
+    primary: second pictures match, and a new enrollment is native."""
+    from facelink.cloud.engine import Decision, EnrollFace, RecognitionEngine
+
+    from facelink.config import CloudConfig
+
+    people = ("Colin_Powell", "Serena_Williams", "Tony_Blair")
+    before = RecognitionEngine(CloudConfig(recognizer="mobilefacenet", gallery_models=(), ensembles=()), Gallery(tmp_path / "g"))
+    for name in people:
+        before.enroll(name, [EnrollFace(read_rgb(lfw_image(name, 1)), None)])
+    before.gallery.close()
+    with Gallery(tmp_path / "g") as gallery:
+        report = upgrade_gallery(gallery, find_upgrade("edgeface-xs", {load_manifest("mobilefacenet").model_id}))
+    assert (report.transformed, report.native) == (3, 0)
+    after = RecognitionEngine(CloudConfig(recognizer="edgeface-xs", gallery_models=(), ensembles=()), Gallery(tmp_path / "g"))
+    for name in people:
+        probe = read_rgb(lfw_image(name, 2))
+        found = after.identify(probe, after.locate_face(probe, None, "probe")[0])
+        assert (found.identity, found.decision) == (name, Decision.MATCH), found
+    after.enroll("Gray_Davis", [EnrollFace(read_rgb(lfw_image("Gray_Davis", 1)), None)])
+    assert [t.reason for t in after.gallery.templates_of("Gray_Davis")] == [None]  # native, edgeface only
+    after.gallery.close()
