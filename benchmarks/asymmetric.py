@@ -5,11 +5,14 @@ ensemble's uncertainty.
 Rows (what the query side runs / what the gallery side stores):
 
 * `query symmetric`: the query model on both sides;
-* `<gallery model> symmetric`: each gallery model on both sides (MobileFaceNet, dlib ResNet);
+* `<gallery model> symmetric`: each gallery model on both sides (in the bundled ensemble: MobileFaceNet,
+  dlib ResNet, EdgeFace-XS);
 * `query vs T(<gallery model>)`: asymmetric with one gallery model -- the query embedding against
   that model's embedding transformed into the query space (`runtime.asymmetric`);
 * `query vs ensemble`: asymmetric with the ensemble gallery vector (the re-normalised mean of the
   unit transformed embeddings, `ensemble_mean`);
+* `query vs sub-ensemble <members>`: every smaller ensemble of two or more members (the manifest's
+  weights of those members), so each member's contribution is measured, not assumed;
 * `distillation baseline`: the query model against RAW MobileFaceNet gallery embeddings, no
   transform. The query model is itself trained by distilling MobileFaceNet (export/query/train.py:
   1 - cos(query(view), MobileFaceNet(view))), so "a query model trained to mimic one gallery
@@ -143,7 +146,7 @@ DEFAULT_SPLITS = (Path(__file__).parent / "splits" / "celeba_held_out.json",)
 DIR_FAR = 0.01
 REJECTION_AT = 0.10
 REJECTION_TARGET = 0.174   # the published relative error reduction at 10% rejection
-COST_TARGET = 4.0          # the query model must cost at least 4x fewer MACs than MobileFaceNet
+COST_TARGET = 4.0          # the query model must cost at least 4x fewer MACs than every gallery model
 CELEBA_PAIRS_PER_FOLD = (300, 200, 100, 50)
 CELEBA_SEED = 0
 SETS = ("lfw", "celeba")
@@ -429,14 +432,32 @@ def model_cost(recognizer) -> dict[str, Any]:  # noqa: ANN001
     if manifest.format != "onnx":
         return {**out, "error": f"{manifest.format} model: no ONNX graph to count"}
     try:
-        from facelink.export.flops import count_model
-
         spec = manifest.input
         shape = (1, 3, spec.height, spec.width) if spec.layout == "NCHW" else (1, spec.height, spec.width, 3)
-        cost = count_model(manifest.weights(), shape)
+        cost, how = count_graph(manifest.weights(), shape)
     except (ImportError, ValueError, OSError) as error:
         return {**out, "error": f"could not count: {error}"}
-    return {**out, "params": int(cost.params), "macs_per_pass": int(cost.macs), "macs_per_face": int(cost.macs * passes)}
+    return {**out, "params": int(cost.params), "macs_per_pass": int(cost.macs), "macs_per_face": int(cost.macs * passes),
+            **({"counted_with": how} if how else {})}
+
+
+def count_graph(path: Path, shape: tuple[int, ...]) -> tuple[Any, str | None]:
+    """`export.flops.count_model`; for a graph whose shapes ONNX's strict inference cannot resolve
+    (EdgeFace's reshapes are computed at run time), after ONNX Runtime's symbolic shape inference
+    with the batch fixed to `shape`'s. Returns the cost and how it was counted (None: directly)."""
+    from facelink.export.flops import count_model
+
+    try:
+        return count_model(path, shape), None
+    except ValueError:
+        import onnx
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = onnx.load(str(path))
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = shape[0]
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return count_model(inferred, shape), "onnxruntime symbolic shape inference, then export.flops"
+
 
 
 def time_models(recognizers: dict[str, Any], faces: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
@@ -540,9 +561,30 @@ def build_rows(models: Models, embedded: dict[str, Embedded]) -> tuple[list[Row]
         if weights is not None:  # what the fitted weights add over the plain mean
             rows.append(Row("query vs ensemble, equal weights", "ensemble", q_id, "mean of " + " + ".join(parts), q,
                             ensemble_mean(transformed.members)))
+        rows += sub_ensemble_rows(models, transformed, side, q)
     rows.append(Row(f"distillation baseline: query vs {models.teacher} (no transform)", "distillation", q_id,
                     f"{models.teacher} (raw)", q, embedded[models.teacher].embeddings))
     return rows, transformed
+
+
+def sub_ensemble_rows(models: Models, transformed: Any, side: dict[str, str], q: np.ndarray) -> list[Row]:
+    """Every smaller ensemble of two or more of the members (the manifest's weights, renormalised):
+    what each member adds, e.g. whether a strong independent gallery model beats the teacher's pair."""
+    from itertools import combinations
+
+    from facelink.runtime.asymmetric import ensemble_mean
+
+    rows = []
+    count = len(transformed.models)
+    for size in range(count - 1, 1, -1):
+        for chosen in combinations(range(count), size):
+            members = tuple(transformed.models[k] for k in chosen)
+            weights = models.ensemble.weights(members)
+            parts = " + ".join(side[m] for m in members)
+            mean = "mean of " if weights is None else "weighted mean (" + "/".join(f"{w:g}" for w in weights) + ") of "
+            rows.append(Row(f"query vs sub-ensemble {parts}", "sub-ensemble", models.query.model_id, mean + parts, q,
+                            ensemble_mean(transformed.members[:, list(chosen)], weights)))
+    return rows
 
 
 def evaluate_row(row: Row, evalset: EvalSet) -> dict[str, Any]:
@@ -669,20 +711,29 @@ def rejection_table(rej: dict[str, Any]) -> list[str]:
     return reporting.markdown_table(header, table)
 
 
+def _beats(ensemble: dict[str, Any], rivals: list[dict[str, Any]], what: str, name: str) -> str:
+    """Whether the ensemble row beats the best of `rivals` on rank-1 and (where measured) DIR."""
+    best_rank1 = max(rivals, key=lambda r: r["rank1"])
+    verdict = ensemble["rank1"] > best_rank1["rank1"]
+    line = f"- ensemble vs {what}: rank-1 {ensemble['rank1']:.2f}% vs {best_rank1['rank1']:.2f}% ({best_rank1[name]})"
+    if "dir_at_far" in ensemble:
+        best_dir = max(rivals, key=lambda r: r.get("dir_at_far", -1))
+        verdict = verdict and ensemble["dir_at_far"] > best_dir["dir_at_far"]
+        line += f", DIR@FAR=1% {ensemble['dir_at_far']:.2f}% vs {best_dir['dir_at_far']:.2f}% ({best_dir[name]})"
+    return line + (": beaten" if verdict else ": NOT beaten")
+
+
 def targets(result: dict[str, Any], costs: dict[str, dict], models: Models) -> list[str]:
     lines = []
     ensemble = next((r for r in result["rows"] if r["kind"] == "ensemble"), None)  # as served (weighted, if so)
     singles = [r for r in result["rows"] if r["kind"] == "symmetric" and r["query_model"] in models.galleries]
     if ensemble and singles:
-        best_rank1 = max(singles, key=lambda r: r["rank1"])
-        verdict = ensemble["rank1"] > best_rank1["rank1"]
-        line = (f"- ensemble vs the best gallery model used symmetrically: rank-1 {ensemble['rank1']:.2f}% vs "
-                f"{best_rank1['rank1']:.2f}% ({best_rank1['query_model']})")
-        if "dir_at_far" in ensemble:
-            best_dir = max(singles, key=lambda r: r.get("dir_at_far", -1))
-            verdict = verdict and ensemble["dir_at_far"] > best_dir["dir_at_far"]
-            line += f", DIR@FAR=1% {ensemble['dir_at_far']:.2f}% vs {best_dir['dir_at_far']:.2f}% ({best_dir['query_model']})"
-        lines.append(line + (": beaten" if verdict else ": NOT beaten"))
+        lines.append(_beats(ensemble, singles, "the best gallery model used symmetrically", "query_model"))
+    # The published claim: the ensemble beats every single gallery model used asymmetrically (the
+    # raw teacher is the distillation baseline) on rank-1 and DIR@FAR=1%.
+    rivals = [r for r in result["rows"] if r["kind"] in ("asymmetric", "distillation")]
+    if ensemble and rivals:
+        lines.append(_beats(ensemble, rivals, "every single gallery model asymmetric and the distillation baseline", "row"))
     rej = result.get("rejection")
     if rej:
         lines.append(f"- rejecting the {REJECTION_AT:.0%} most uncertain gallery images: rank-1 error "
@@ -765,11 +816,12 @@ def format_report(payload: dict[str, Any], models: Models) -> str:
                              f"calibrated on the held-out celeba-dev faces) flags {100 * c['flags_here']:.1f}% of this gallery.")
         lines += ["", "targets:", *targets(result, payload["costs"], models)]
     q = payload["costs"].get(models.query.model_id, {})
-    t = payload["costs"].get(models.teacher, {})
-    if "macs_per_face" in q and "macs_per_face" in t:
-        ratio = t["macs_per_face"] / q["macs_per_face"]
-        lines.append(f"- query cost: {ratio:.2f}x fewer MACs than {models.teacher} "
-                     f"(target >= {COST_TARGET:.0f}x: {'met' if ratio >= COST_TARGET else 'NOT met'})")
+    for gallery_model in models.galleries:  # the query model must be cheaper than every gallery model
+        t = payload["costs"].get(gallery_model, {})
+        if "macs_per_face" in q and "macs_per_face" in t:
+            ratio = t["macs_per_face"] / q["macs_per_face"]
+            lines.append(f"- query cost: {ratio:.2f}x fewer MACs than {gallery_model} "
+                         f"(target >= {COST_TARGET:.0f}x: {'met' if ratio >= COST_TARGET else 'NOT met'})")
     lines += ["", "accuracy: 10-fold (threshold chosen on 9 folds), mean ± std; TAR@FAR=1e-3 over all pairs "
               "(3,000 impostor pairs on LFW: 3 may pass, a coarse point). Rank-1: closed set over genuine probes; "
               "DIR@FAR=1%: correct and above the threshold that 1% of distractors pass."]

@@ -161,3 +161,17 @@ def test_bundled_ensembles_load() -> None:
         gallery = {spec.gallery_model: unit(np.ones((2, spec.input_dim))) for spec in ensemble.manifest.transforms}
         result = ensemble.transform(gallery)
         assert result.vectors.shape == (2, ensemble.manifest.dim)
+
+
+def test_one_bundled_ensemble_per_query_model_and_the_previous_one_by_path() -> None:
+    """`ensembles: auto` serves every bundled ensemble whose gallery models run, one per query model:
+    two for one query model would refuse to start. Replaced ones stay loadable by path (previous/)."""
+    bundled = bundled_ensembles()
+    queries = [load_ensemble_manifest(path)[0].query_model for path in bundled.values()]
+    assert len(queries) == len(set(queries))
+    previous = next(iter(bundled.values())).parent / "previous" if bundled else None
+    if previous is None or not previous.is_dir():
+        pytest.skip("no previous ensemble kept")
+    for path in previous.glob("*.json"):
+        ensemble = GalleryEnsemble.load(path)  # its transform files and hashes, relative to it
+        assert ensemble.manifest.name == path.stem and ensemble.manifest.query_member
