@@ -219,7 +219,7 @@ def probe(args: argparse.Namespace) -> int:
     """Open the gallery, time searches, enrollments and erasures; write what was seen as JSON."""
     import faiss
 
-    from facelink.cloud.gallery import Gallery
+    from facelink.cloud.gallery import Gallery, GalleryLimits
     from facelink.cloud.gallery.snapshot import settings_with_index
 
     faiss.omp_set_num_threads(1)
@@ -227,7 +227,9 @@ def probe(args: argparse.Namespace) -> int:
     data = np.load(spec["queries"])
     base_rss = rss_mb()
     started = time.perf_counter()
-    g = Gallery(spec["folder"], settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"))))
+    # A million synthetic identities plus LFW's people pass GalleryLimits' default of 1,000,000.
+    limits = GalleryLimits(max_identities=spec["identities"] + 10 * len(data["extra"]))
+    g = Gallery(spec["folder"], limits, settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"))))
     startup = time.perf_counter() - started
     loaded = g._indexes[spec["model"]]  # noqa: SLF001 - what the open loaded
     out: dict[str, Any] = {"startup_s": startup, "rss_mb": rss_mb(), "rss_before_open_mb": base_rss,
@@ -392,6 +394,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                 np.savez(work / "q.npz", **payload)
                 log.info("%s N=%d %s: measuring (timing lock, one core)", model, size, kind)
                 r = run_probe({"folder": str(folder), "model": lfw.model_id, "kind": kind, "queries": str(work / "q.npz"),
+                               "identities": int(len(everything)),
                                "out": str(work / "out.json"), "ef_search": args.ef_search,
                                "ef_sweep": args.ef_sweep}, work, not args.no_lock)
                 ms = np.asarray(r.pop("search_ms"))
