@@ -238,9 +238,13 @@ FACE_AWARE_PROTOCOLS = {"edge": CropRegionCoding, "full": FaceRegionCoding}
 
 
 def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str, Sequence[int]],
-                   x265_preset: str, face_aware: Sequence[str] = ()) -> list[Setting]:
+                   x265_preset: str, face_aware: Sequence[str] = (), face_aware_only: bool = False,
+                   learned_qualities: Sequence[int] | None = None) -> list[Setting]:
     """The coded settings of one protocol: every learned codec at every quality (and, on `edge` and
-    `full`, the `face_aware` ones with their bits on the face), then the baselines."""
+    `full`, the `face_aware` ones with their bits on the face), then the baselines. With
+    `face_aware_only`, the `face_aware` codecs are measured only with their bits on the face (what the
+    edge sends by default) and the other learned codecs not at all: a new recogniser's column at
+    about half the cost. `learned_qualities` limits every learned codec to those of its qualities."""
     from facelink.runtime.codecs import create_codec
 
     from .baseline_codecs import create_baseline
@@ -250,14 +254,15 @@ def codec_settings(protocol: Protocol, families: Sequence[str], sweeps: dict[str
         if protocol.template is not None else []
     if LEARNED in families:
         for name, (codec_id, qualities) in learned_codecs().items():
-            for q in range(1, qualities + 1):
+            measured = [q for q in range(1, qualities + 1) if learned_qualities is None or q in learned_qualities]
+            for q in measured if not face_aware_only else ():
                 family = f"{LEARNED}:{name}"
                 spec = {"codec": codec_id, "q": q}
                 settings.append(Setting(protocol.name, family, q, f"{family} q{q}", spec, geometry,
                                         lambda n=name, q=q: create_codec(f"{LEARNED}:{n}", q)))
             if name in face_aware and protocol.name in FACE_AWARE_PROTOCOLS:
                 regions = FACE_AWARE_PROTOCOLS[protocol.name]().model_dump(mode="json")
-                for q in range(1, qualities + 1):
+                for q in measured:
                     family = f"{LEARNED}:{name}{FACE_AWARE}"
                     # On `full` the detector is the benchmark's (DetectorConfig()), which the pipeline key holds.
                     spec = {"codec": codec_id, "q": q, "regions": regions}
@@ -966,6 +971,11 @@ examples:
                    help="learned codecs (bundle names, e.g. wide) also measured with their bits on the face: "
                         "on full, the detected faces' crops at the quality, the rest coarse; on edge, the "
                         "crop's border ring coarse (default none)")
+    p.add_argument("--face-aware-only", action="store_true",
+                   help="measure the --face-aware codecs only with their bits on the face, and no other "
+                        "learned codec (the edge's defaults only; for a new recogniser's column)")
+    p.add_argument("--learned-quality", type=lambda s: [int(q) for q in _csv(s)], metavar="Q,Q",
+                   help="only these qualities of the learned codecs (default every one)")
     p.add_argument("--quality", action="append", default=[], metavar="FAMILY=Q,Q",
                    help="override a baseline's sweep, e.g. jpeg=30,50 (repeatable)")
     p.add_argument("--x265-preset", default="medium", help="x265 preset (default medium)")
@@ -1014,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not set(FACE_AWARE_PROTOCOLS) & set(args.protocols) or LEARNED not in args.codecs:
             parser.error(f"--face-aware: expected bundled learned codecs ({', '.join(bundled)}) with --protocols "
                          f"including edge or full and --codecs including {LEARNED}, got {', '.join(args.face_aware)}")
+    if args.face_aware_only and not args.face_aware:
+        parser.error("--face-aware-only needs --face-aware NAME,NAME")
     if args.limit_pairs is not None and args.limit_pairs < 1:
         parser.error(f"--limit-pairs must be at least 1, got {args.limit_pairs}")
     sweeps = _sweeps(parser, args.quality)
@@ -1037,7 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
         original = Setting(ORIGINAL, NOT_CODED, None, ORIGINAL, {"codec": NOT_CODED}, {"protocol": ORIGINAL})
         settings = [original]
         for name in args.protocols:
-            settings += codec_settings(protocol_info[name], args.codecs, sweeps, args.x265_preset, args.face_aware)
+            settings += codec_settings(protocol_info[name], args.codecs, sweeps, args.x265_preset, args.face_aware,
+                                       args.face_aware_only, args.learned_quality)
     except (DatasetNotFoundError, ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -67,8 +67,12 @@ LFW_FALLBACK_LANDMARKS_250 = np.array(
 LFW_SIDE = 250
 
 DEFAULT_JSON = Path("benchmarks/results/verification.json")
+DEFAULT_RECOGNIZER = "mobilefacenet"
 FAR_TARGET = 1e-3
 NO_CODEC = "none"
+#: The edge's default payload codec (`edge.pipeline.crop_codec(EdgeConfig())`): the learned codec
+#: at its bundle's `border_ring_quality`, the crop's border ring coarser. What a board sends.
+EDGE_CODEC = "edge"
 #: Bumped whenever this file changes what goes into an embedding, to invalidate old caches.
 PIPELINE_VERSION = 1
 
@@ -255,6 +259,14 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def edge_default_codec():  # noqa: ANN201 (a FaceCodec; imported lazily with the edge)
+    """The payload codec a board with the default EdgeConfig sends its crops with."""
+    from facelink.config import EdgeConfig
+    from facelink.edge.pipeline import crop_codec
+
+    return crop_codec(EdgeConfig())
 
 
 # -- embedding -------------------------------------------------------------------------------------
@@ -510,10 +522,11 @@ examples:
     )
     p.add_argument("--data", help="LFW folder (the one holding pairs.txt, or the image folder)")
     p.add_argument("--recognizer", action="append", metavar="NAME",
-                   help="manifest name or path; repeat to run several (default: auto = MobileFaceNet if "
-                        "../shared has it, else dlib-resnet)")
+                   help="manifest name or path; repeat to run several (default: mobilefacenet, the model of "
+                        "the committed verification.json; auto = the cloud's primary)")
     p.add_argument("--codec", action="append", metavar="ID",
-                   help="none (the original image) or a payload codec id: jpeg, webp, png; repeat to run "
+                   help="none (the original image), edge (the edge's default codec: learned, border ring "
+                        "coarse), or a payload codec id: jpeg, webp, png, learned; repeat to run "
                         "several (default: none)")
     p.add_argument("--quality", type=int, default=90, help="codec quality 1-100 for every codec (default 90)")
     p.add_argument("--limit-pairs", type=int, metavar="N",
@@ -547,12 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     for codec_id in codec_ids:
         if codec_id != NO_CODEC:
             try:
-                codecs[codec_id] = create_codec(codec_id, args.quality)
+                codecs[codec_id] = edge_default_codec() if codec_id == EDGE_CODEC else create_codec(codec_id, args.quality)
             except UnknownCodecError as error:
-                parser.error(f"--codec: {error} (or {NO_CODEC})")
+                parser.error(f"--codec: {error} (or {NO_CODEC}, or {EDGE_CODEC})")
     backend = BackendConfig(intra_op_threads=args.threads)
     recognizers = []
-    for name in dict.fromkeys(args.recognizer or ["auto"]):
+    # MobileFaceNet by name, not `auto`: `auto` became EdgeFace-XS, and the committed
+    # verification.json (MobileFaceNet's rows, which the README quotes) must stay reproducible.
+    for name in dict.fromkeys(args.recognizer or [DEFAULT_RECOGNIZER]):
         try:
             recognizers.append(create_recognizer(name, backend))
         except (ManifestError, FileNotFoundError, ImportError, RuntimeError) as error:
@@ -581,11 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     for recognizer in recognizers:
         for codec_id in codec_ids:
             quality = 0 if codec_id == NO_CODEC else args.quality  # quality means nothing without a codec
+            key = codec_id
+            if codec_id == EDGE_CODEC:  # the edge's own quality and ring, in the cache key too
+                edge, ring = codecs[codec_id], codecs[codec_id].background
+                quality, key = edge.quality, f"{EDGE_CODEC}-{edge.codec_id}-ring{ring.quality}s{ring.step}"
             # Keyed by the weights too: a re-exported model keeps its id (an int8 export of the
             # same id, a retrained query model) and must never read the old embeddings.
             weights = (recognizer.manifest.sha256 or "unpinned")[:12]
-            path = cache_file(f"{recognizer.model_id}-{weights}", codec_id, quality, digest)
-            job = Job(recognizer, codec_id, args.quality, path, codecs.get(codec_id))
+            path = cache_file(f"{recognizer.model_id}-{weights}", key, quality, digest)
+            job = Job(recognizer, codec_id, quality if codec_id == EDGE_CODEC else args.quality, path, codecs.get(codec_id))
             if not args.no_cache:
                 job.result = load_cache(path, names)
             jobs.append(job)

@@ -33,7 +33,7 @@ from facelink.runtime.asymmetric import (
     own_key,
 )
 from facelink.runtime.detection import FaceDetector, create_detector, largest
-from facelink.runtime.manifest import ManifestError, ModelManifest, load_manifest
+from facelink.runtime.manifest import ManifestError, ModelManifest, bundled_manifests, load_manifest
 from facelink.runtime.recognition import OnnxRecognizer, Recognizer, create_recognizer
 
 from .errors import InvalidArgument
@@ -42,9 +42,6 @@ from .unknowns import UNKNOWNS_DB, UnknownClusters
 
 log = logging.getLogger(__name__)
 
-#: The gallery model `auto` adds: dlib's ResNet in ONNX Runtime, trained independently of
-#: MobileFaceNet (which makes the ensemble's disagreement informative) and ~3 ms a face.
-DLIB_ONNX = "dlib-resnet-onnx"
 
 
 class Decision(Enum):
@@ -96,6 +93,7 @@ class RecognitionEngine:
         self._detector = detector
         self.threshold = config.match_threshold if config.match_threshold is not None else self.recognizer.match_threshold
         self.recognizers = self._gallery_recognizers()
+        self._warn_if_primary_has_no_templates()
         self.models = {
             model_id: _recognizer_model(r, self.threshold if r is self.recognizer else r.match_threshold)
             for model_id, r in self.recognizers.items()
@@ -135,16 +133,41 @@ class RecognitionEngine:
                     recognizers[recognizer.model_id] = recognizer
         return recognizers
 
+    def _warn_if_primary_has_no_templates(self) -> None:
+        """A gallery enrolled under another primary (MobileFaceNet, before `auto` chose EdgeFace)
+        holds no templates in this one's space: every face would come back unknown. Say so, and
+        how to keep serving it, at start rather than through a silent drop in matches."""
+        primary = self.recognizer.model_id
+        if len(self.gallery) == 0 or self.gallery.dim(primary) is not None:
+            return
+        held = [m for m in self.recognizers if m != primary and self.gallery.dim(m) is not None]
+        log.warning(
+            "the gallery holds %d identities but no templates of the primary recogniser %s: none of them can be "
+            "recognised until re-enrolled or upgraded (facelink cloud upgrade --to MODEL, docs/model-upgrade.md)%s",
+            len(self.gallery), primary,
+            f"; its templates are in {', '.join(held)}: set the cloud's recognizer to that model to keep serving "
+            "them" if held else "",
+        )
+
     def _auto_gallery_models(self) -> list[str]:
-        # dlib's ResNet again (the no-../shared fallback primary) would only double the work.
-        if self.recognizer.manifest.name.startswith("dlib-resnet"):
-            return []
-        try:
-            load_manifest(DLIB_ONNX).weights()
-        except ManifestError as error:
-            log.warning("gallery model %s left out: %s (python -m facelink.export.dlib_convert makes it)", DLIB_ONNX, error)
-            return []
-        return [DLIB_ONNX]
+        """What `auto` stores besides the primary: every gallery model of each bundled ensemble
+        whose gallery models are all reachable here, so that `ensembles: auto` can serve it
+        whichever recogniser is the primary (the v9 ensemble needs MobileFaceNet and dlib's
+        ResNet in ONNX Runtime, also when EdgeFace identifies). An ensemble short of a model
+        adds nothing: its other models would cost enrollment time and serve no one."""
+        by_id = _bundled_recognizers_by_id()
+        chosen: list[str] = []
+        for path in sorted(bundled_ensembles().values()):
+            manifest, _ = load_ensemble_manifest(path)
+            needed = [t.gallery_model for t in manifest.transforms if t.gallery_model != self.recognizer.model_id]
+            missing = {m: _unreachable(by_id.get(m)) for m in needed}
+            missing = {m: why for m, why in missing.items() if why}
+            if missing:
+                log.warning("bundled ensemble %s: gallery model(s) left out, it cannot be served: %s", path.name,
+                            "; ".join(f"{m}: {why}" for m, why in missing.items()))
+                continue
+            chosen += [by_id[m] for m in needed if by_id[m] not in chosen]
+        return chosen
 
     def _ensembles(self) -> list[tuple[EnsembleManifest, Path]]:
         """The configured ensemble manifests, once each; `auto` takes the bundled ones this
@@ -288,6 +311,34 @@ class RecognitionEngine:
         )
         log.info("enrolled %s: %d picture(s) added, %d in total", printable(identity), added, total)
         return added, total, boxes
+
+
+def _bundled_recognizers_by_id() -> dict[str, str]:
+    """Bundled recognition manifests' names by model id (what ensembles name their members by)."""
+    names = {}
+    for name in sorted(bundled_manifests()):
+        try:
+            manifest = load_manifest(name)
+        except ManifestError:
+            continue
+        if manifest.task == "recognition":
+            names.setdefault(manifest.model_id, name)
+    return names
+
+
+def _unreachable(name: str | None) -> str:
+    """Why a bundled recogniser's weights cannot be used here, or "" when they can."""
+    if name is None:
+        return "no bundled manifest has this model id"
+    manifest = load_manifest(name)
+    if manifest.format == "dlib":
+        return ""  # from PyPI; create_recognizer says what to install when it is missing
+    try:
+        manifest.weights()
+    except ManifestError as error:
+        hint = " (python -m facelink.export.dlib_convert makes it)" if name == "dlib-resnet-onnx" else ""
+        return f"{error}{hint}"
+    return ""
 
 
 def _describe_input(manifest: ModelManifest) -> str:

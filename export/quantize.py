@@ -43,7 +43,22 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         # One warning per tiny weight clamped to fp16's smallest normal (1e-7): expected, not news.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
-        return float16.convert_float_to_float16(plain, keep_io_types=True)
+        converted = float16.convert_float_to_float16(plain, keep_io_types=True)
+    return _retype_float_casts(converted)
+
+
+def _retype_float_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Point the graph's own Cast-to-float32 nodes at float16 where the converter typed their
+    output float16. The converter retypes tensors but not a Cast's `to` (EdgeFace's positional
+    encoding casts a bool mask to float), which leaves the graph invalid; its own input/output
+    casts have float32 outputs and are left alone."""
+    fp16 = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in fp16:
+            for attribute in node.attribute:
+                if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
+                    attribute.i = onnx.TensorProto.FLOAT16
+    return model
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,7 @@ examples:
 BENCHMARKS = {
     "verification": "facelink.benchmarks.verification",
     "asymmetric": "facelink.benchmarks.asymmetric",
+    "recognisers": "facelink.benchmarks.recognisers",
     "rate-accuracy": "facelink.benchmarks.rate_accuracy",
     "quantization": "facelink.benchmarks.quantization",
     "latency": "facelink.benchmarks.latency",
@@ -305,6 +306,8 @@ benchmarks:
   asymmetric     query model vs the transformed gallery ensemble: 1:1, 1:N, cost, rejection
   upgrade        a new recogniser served from the old one's stored embeddings (transformed
                  templates) against native ones: 1:1, 1:N, mixed galleries, upgrade speed
+  recognisers    the cloud's recognisers side by side: LFW View 2, 1:N rank-1 and DIR@FAR=1%,
+                 float16 storage, and where each match threshold sits
   load           the service under 1-256 streams of real learned-codec faces: faces/s,
                  p50/p99, health latency, server memory, against the in-process engine
   video          a ground-truth video of LFW people through the edge and a real cloud, per

@@ -165,20 +165,34 @@ class DlibRecognizer(_RecognizerBase):
             return np.array(self._model.compute_face_descriptor(chips), dtype=np.float32)
 
 
+#: What `auto` tries, strongest first; the first whose weights are reachable is the primary.
+#: EdgeFace-XS leads on measurement (docs/recognisers.md: LFW View 2 and 1:N on LFW's unseen
+#: people, at about MobileFaceNet's cost a face); dlib's ResNet, installable from PyPI, is the
+#: fallback of a machine without ../shared.
+AUTO_PREFERENCE: tuple[str, ...] = ("edgeface-xs", "mobilefacenet", "dlib-resnet")
+
+
+def auto_recognizer_name() -> str:
+    """The manifest `auto` means on this machine: the first of AUTO_PREFERENCE whose weights exist
+    and match their sha256 (dlib's, last, is checked when it loads)."""
+    for name in AUTO_PREFERENCE[:-1]:
+        try:
+            load_manifest(name).weights()
+        except ManifestError:
+            continue
+        return name
+    return AUTO_PREFERENCE[-1]
+
+
 def create_recognizer(name_or_path: str | Path = "auto", backend: BackendConfig = BackendConfig()) -> Recognizer:
     """A recogniser by bundled manifest name or manifest path.
 
-    `auto` takes MobileFaceNet when its weights are reachable (../shared or $FACELINK_SHARED),
-    otherwise dlib's ResNet, which any machine can install from PyPI.
+    `auto` takes the strongest bundled recogniser whose weights are reachable (`AUTO_PREFERENCE`:
+    EdgeFace-XS, then MobileFaceNet, from ../shared or $FACELINK_SHARED), otherwise dlib's
+    ResNet, which any machine can install from PyPI.
     """
     if str(name_or_path) == "auto":
-        manifest = load_manifest("mobilefacenet")
-        try:
-            manifest.weights()
-        except ManifestError:
-            name_or_path = "dlib-resnet"
-        else:
-            return OnnxRecognizer(manifest, backend)
+        name_or_path = auto_recognizer_name()
     manifest = load_manifest(name_or_path)
     if manifest.format == "dlib":
         return DlibRecognizer(manifest)

@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def server(server_factory, channel_to):
-    running = server_factory()
+    # No ensemble: a cloud that serves no query model, which the refused-payload test relies on
+    # (`auto` would otherwise serve the bundled one: its gallery models are all reachable here).
+    running = server_factory(ensembles=())
     gallery = gallery_pb2_grpc.GalleryStub(channel_to(running.address))
     for name in ("Colin_Powell", "Serena_Williams"):
         assert gallery.Enroll(enroll_request(name, 1), timeout=30).templates_added == 1

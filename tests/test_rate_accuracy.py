@@ -213,6 +213,14 @@ def test_face_aware_settings_join_the_full_and_edge_protocols(tmp_path: Path, mo
     aware = ra.codec_settings(full, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"])[2]
     assert aware.spec["regions"]["background_step"] == 2 and aware.key("p") != ra.codec_settings(
         full, [ra.LEARNED], ra.SWEEPS, "medium")[0].key("p")
+    only = [(s.codec, s.quality) for s in ra.codec_settings(edge, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"],
+                                                             face_aware_only=True)]
+    assert only == [(ra.NOT_CODED, None), ("learned:synthetic+faces", 1), ("learned:synthetic+faces", 2)]
+    second = [(s.codec, s.quality) for s in ra.codec_settings(edge, [ra.LEARNED], ra.SWEEPS, "medium", ["synthetic"],
+                                                               learned_qualities=[2])]
+    assert second == [(ra.NOT_CODED, None), ("learned:synthetic", 2), ("learned:synthetic+faces", 2)]
+    with pytest.raises(SystemExit):
+        ra.main(["--face-aware-only", "--protocols", "edge"])  # nothing face-aware named
     with pytest.raises(SystemExit):
         ra.main(["--face-aware", "nonesuch", "--protocols", "full"])
     with pytest.raises(SystemExit):

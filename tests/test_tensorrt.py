@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from facelink.config import shared_dir
 from facelink.export import tensorrt as builder
 from facelink.export.deploy.samples import Samples
 from facelink.runtime.backends import BackendUnavailableError, create_backend
@@ -268,3 +269,33 @@ def test_engine_build_runs_and_matches_onnx(tmp_path: Path) -> None:
     )
     (row,) = exported.parity
     assert row.min_cosine > 0.999
+
+
+# -- EdgeFace (512-d) plan, on CPU: the ONNX TensorRT would parse and the profile it would build --------
+@pytest.mark.skipif(
+    not (shared_dir() / "models" / "edgeface" / "edgeface_xs_fp32.onnx").is_file(),
+    reason=f"EdgeFace not present under {shared_dir()}/models/edgeface",
+)
+@pytest.mark.parametrize("trt_version, precision", [("10.3.0", "fp16"), ("11.4.0", "fp16")])
+def test_edgeface_engine_plan_has_a_batch_profile_and_a_512d_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trt_version: str, precision: str
+) -> None:
+    """What export_engine does before TensorRT itself: the ONNX it parses (fp32 with builder flags
+    before TensorRT 11, the fp16 export on 11), its optimisation profile, and the builder config."""
+    import onnx
+
+    from facelink.export.deploy import graph
+    from facelink.export.deploy.pipeline import ExportOptions, engine_shapes, export_onnx
+    from facelink.export.deploy.source import resolve_source
+
+    monkeypatch.setenv("FACELINK_CACHE", str(tmp_path / "cache"))
+    trt = fake_trt(trt_version)
+    options = ExportOptions(precision=precision, batch="dynamic", parity_count=2, max_batch=64)
+    onnx_options = options if builder.strongly_typed(trt) else replace(options, precision="fp32")
+    model = onnx.load(export_onnx(resolve_source("edgeface-xs"), onnx_options, tmp_path).path)
+    shapes = engine_shapes(model, options.max_batch)
+    assert shapes == {"input": ((1, 3, 112, 112), (8, 3, 112, 112), (64, 3, 112, 112))}
+    assert [(o.name, o.shape[1:]) for o in graph.outputs(model)] == [("embedding", (512,))]
+    config = builder.configure(trt, FakeBuilder(), precision, shapes)
+    assert config.flags == ([] if builder.strongly_typed(trt) else ["FP16"])
+    assert config.profiles[0].shapes == shapes

@@ -157,3 +157,14 @@ def test_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     (again,) = json.loads(out.read_text())["rows"]
     assert again["cached"] is True
     assert again["accuracy_mean"] == row["accuracy_mean"] and again["eer"] == row["eer"]
+
+
+def test_the_edge_codec_is_what_a_default_board_sends() -> None:
+    """`--codec edge`: the learned codec at its bundle's border-ring quality, the ring coarse."""
+    from facelink.config import CropRegionCoding, EdgeConfig
+    from facelink.edge.pipeline import crop_codec
+
+    codec, board = v.edge_default_codec(), crop_codec(EdgeConfig())
+    assert (codec.codec_id, codec.quality, codec.background) == (board.codec_id, board.quality, board.background)
+    assert codec.quality == codec.codec.manifest.border_ring_quality
+    assert codec.background.quality == CropRegionCoding().background_quality
