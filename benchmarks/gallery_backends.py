@@ -3,6 +3,8 @@
     facelink bench gallery-backends                                  # 1e5 identities, both backends
     facelink bench gallery-backends -- --identities 100000 --backends embedded
     facelink bench gallery-backends -- --identities 10000 --queries 50 --backends qdrant-local
+    FACELINK_QDRANT_API_KEY=... facelink bench gallery-backends -- --backends qdrant \
+        --qdrant-url qdrants://qdrant.internal:6334/bench --qdrant-queries 500   # a real engine
 
 Each backend is filled to `--identities` identities of one picture each (one gallery model of
 `--dim` dimensions: MobileFaceNet's 512 by default), then measured through its public
@@ -24,7 +26,8 @@ Qdrant runs in qdrant-client's local mode (in memory: its on-disk local mode com
 on its own, tens of points a second): the client's own embedded engine, exact search in Python,
 the engine the contract tests run. It is a reference for correctness, not for speed: a Qdrant
 server (HNSW, payload indexes, Rust) is not reachable from this machine, so the cluster's
-numbers are not measured here. The timed phases hold the shared timing lock
+numbers are not measured here; `--backends qdrant --qdrant-url URL` measures one (into the
+collections named by the URL's prefix: use a prefix of its own, they are filled and left). The timed phases hold the shared timing lock
 (`--lock`, /tmp/facelink-timing.lock); the fill does not.
 """
 
@@ -48,7 +51,7 @@ import numpy as np
 from . import reporting
 
 MODEL = "bench@1"
-BACKENDS = ("embedded", "qdrant-local")
+BACKENDS = ("embedded", "qdrant-local", "qdrant")
 FILL_BATCH = 1000
 
 
@@ -71,12 +74,14 @@ def timing_lock(path: Path | None) -> Iterator[float]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_backend(kind: str, folder: Path, client: Any = None) -> Any:
+def open_backend(kind: str, folder: Path, client: Any = None, url: str | None = None) -> Any:
     from facelink.cloud.gallery import GalleryLimits, open_gallery
 
     limits = GalleryLimits(max_identities=10_000_000)
     if kind == "embedded":
         return open_gallery(folder / "gallery", limits)
+    if kind == "qdrant":  # the engine the URL names, opened as the server opens it
+        return open_gallery(url, limits, state_dir=folder / "state")
     from facelink.cloud.gallery.qdrant import QdrantGallery
 
     return QdrantGallery(client, folder / "state", limits, local=True, owns_client=False)
@@ -139,6 +144,13 @@ def measure(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]
         client = QdrantClient(":memory:")  # in this process: nothing to hand over
         gallery = open_backend(kind, folder, client)
         fill(kind, gallery, vectors)
+    elif kind == "qdrant":
+        if not args.qdrant_url:
+            raise SystemExit("--backends qdrant needs --qdrant-url")
+        gallery = open_backend(kind, folder, url=args.qdrant_url)
+        if len(gallery):
+            raise SystemExit(f"{args.qdrant_url} already holds {len(gallery)} identities: give the URL a prefix of its own")
+        fill(kind, gallery, vectors)
     else:
         child = multiprocessing.get_context("spawn").Process(target=_fill_embedded, args=(folder, vectors))
         child.start()
@@ -172,10 +184,10 @@ def measure(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]
             gallery.remove(f"person-{row:07d}")
             erase_s.append(time.perf_counter() - t)
         total = len(gallery)
-        if kind == "embedded":
+        if kind != "qdrant-local":
             gallery.close()
             t = time.perf_counter()
-            gallery = open_backend(kind, folder)
+            gallery = open_backend(kind, folder, url=args.qdrant_url)
             open_s: float | None = time.perf_counter() - t
         else:
             open_s = None  # in-memory local mode has nothing to reopen
@@ -183,7 +195,7 @@ def measure(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]
     if client is not None:
         client.close()
     return {
-        "backend": kind, "identities": n, "dim": args.dim, "fill_s": round(fill_s, 1),
+        "backend": kind, "url": args.qdrant_url if kind == "qdrant" else None, "identities": n, "dim": args.dim, "fill_s": round(fill_s, 1),
         "enroll": {"calls": len(enroll_s), "per_s": round(len(enroll_s) / sum(enroll_s), 1),
                    "ms_p50": _ms(enroll_s, 50), "ms_p99": _ms(enroll_s, 99)},
         "search": {"calls": len(search_s), "per_s": round(len(search_s) / sum(search_s), 1),
@@ -234,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--identities", type=int, default=100_000, help="embedded gallery size (default 1e5)")
+    parser.add_argument("--qdrant-url", help="a Qdrant engine for --backends qdrant (qdrant://, qdrants://, qdrant+local://)")
     parser.add_argument("--qdrant-identities", type=int, default=100_000, help="Qdrant local-mode gallery size (default 1e5)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default 512, MobileFaceNet's)")
     parser.add_argument("--enroll", type=int, default=200, help="timed enrollments (default 200)")
