@@ -411,7 +411,9 @@ class GalleryIndexConfig(_Config):
     hnsw_min_templates: int = Field(50_000, ge=1, description="templates of one model from which HNSW replaces exact search")
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW links per node (memory: ~8 x M bytes per template)")
     hnsw_ef_construction: int = Field(40, ge=8, description="HNSW build beam: larger builds slower, finds better links")
-    hnsw_ef_search: int = Field(128, ge=1, description="HNSW search beam: larger searches slower, misses less")
+    hnsw_ef_search: int = Field(
+        256, ge=1, description="HNSW search beam: larger searches slower, misses less (256: recall@1 0.99 at 1e5)"
+    )
     rebuild_tombstone_fraction: float = Field(
         0.2, gt=0.0, le=1.0, description="rebuild the graph once this fraction of its nodes are erased templates"
     )
