@@ -156,7 +156,7 @@ def test_reopen_reconciles_the_snapshot_with_the_store(tmp_path, rng):
     assert got[150:] == new and got[:3] == names[:3]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "version", "model"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "version", "model", "types"])
 def test_a_damaged_or_foreign_snapshot_is_discarded_and_rebuilt(tmp_path, rng, caplog, damage):
     folder = tmp_path / "g"
     data = unit(rng, 150)
@@ -172,8 +172,10 @@ def test_a_damaged_or_foreign_snapshot_is_discarded_and_rebuilt(tmp_path, rng, c
         raw = bytearray(os.urandom(len(raw)))
     elif damage == "version":
         raw[:HEADER_BYTES] = raw[:HEADER_BYTES].replace(b'"version": 1', b'"version": 9')
-    else:
+    elif damage == "model":
         raw[:HEADER_BYTES] = raw[:HEADER_BYTES].replace(MODEL.encode(), b"x@1")
+    else:  # well-formed JSON, nonsense types
+        raw[:HEADER_BYTES] = raw[:HEADER_BYTES].replace(b'"nodes": 150', b'"nodes": "x50"')
     path.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING), open_gallery(folder) as g:
         assert [r[0].identity for r in g.search(MODEL, data[:30], 1)] == names[:30]

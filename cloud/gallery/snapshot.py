@@ -400,8 +400,9 @@ class Snapshots:
         dim = store.model_dim(model_id)
         try:
             vectors = read_snapshot(path, model_id, dim or 0, self.config)
-        except SnapshotError as exc:
-            discard(path, str(exc))
+        except Exception as exc:  # noqa: BLE001 - only a cache: whatever is wrong with it (a crafted
+            # header's types included), the store rebuilds it; it must never keep the gallery shut
+            discard(path, str(exc) if isinstance(exc, SnapshotError) else f"unreadable ({type(exc).__name__}: {exc})")
             return None
         snap_ids = vectors.ids[vectors.ids >= 0]
         gone = np.setdiff1d(snap_ids, np.fromiter(names, dtype=np.int64, count=len(names)))
