@@ -344,3 +344,39 @@ def test_the_server_opens_the_configured_backend_and_keeps_its_own_files_in_the_
     with server_gallery(remote) as gallery:
         assert isinstance(gallery, QdrantGallery) and gallery.directory == tmp_path / "state"
         assert remote.auth_path.parent == gallery.directory  # tokens and audit log stay local
+
+
+def test_a_qdrant_enrollment_cut_short_is_never_searchable_and_is_swept(tmp_path: Path) -> None:
+    """No transactions in Qdrant: a crash after the pending writes, before the flip to live,
+    leaves nothing a search, a listing or a count shows; the next open deletes it."""
+    pytest.importorskip("qdrant_client")
+    from qdrant_client import QdrantClient
+
+    from facelink.cloud.gallery.backend import GallerySettings
+    from facelink.cloud.gallery.qdrant import QdrantGallery
+
+    rng = np.random.default_rng(9)
+    client = QdrantClient(path=str(tmp_path / "engine"))
+    try:
+        gallery = QdrantGallery(client, tmp_path / "state", local=True, owns_client=False)
+        gallery.enroll_pictures("bob", person(rng, 1))
+        ada = person(rng, 2)
+        real_set_payload = client.set_payload
+
+        def crash(*args: object, **kwargs: object) -> None:
+            raise ConnectionError("the server died between the pending writes and the flip")
+
+        client.set_payload = crash  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            gallery.enroll_pictures("ada", ada)
+        client.set_payload = real_set_payload  # type: ignore[method-assign]
+        assert [m.identity for m in gallery.search(A, ada[A][:1], k=5)[0]] == ["bob"]
+        assert "ada" not in gallery and len(gallery) == 1 and [r.identity for r in gallery.list()[0]] == ["bob"]
+        assert client.count(gallery.pictures, exact=True).count == 3  # bob's, and ada's two pending
+        swept = QdrantGallery(client, tmp_path / "state", settings=GallerySettings(pending_grace_s=1e-6),
+                              local=True, owns_client=False)
+        assert client.count(swept.pictures, exact=True).count == 1 and len(swept) == 1
+        assert swept.enroll_pictures("ada", ada) == (2, 2)  # and the retry enrolls her
+        assert swept.search(A, ada[A][:1], k=1)[0][0].identity == "ada"
+    finally:
+        client.close()
