@@ -37,10 +37,11 @@ class LFWEmbeddings:
 def embed_lfw(model_name: str, data: str | None = None, limit_people: int | None = None) -> LFWEmbeddings:
     """Every picture of LFW (or of its first `limit_people` people by name) embedded by
     `model_name` (a recogniser manifest name), from the cache when it holds them."""
-    from facelink.datasets import LFW
     from facelink.runtime.alignment import canonical_template
     from facelink.runtime.detection import create_detector
     from facelink.runtime.recognition import create_recognizer
+
+    from facelink.datasets import LFW
 
     lfw = LFW.locate(data, download=False)
     people = lfw.people()

@@ -218,7 +218,6 @@ def rss_mb() -> float:
 def probe(args: argparse.Namespace) -> int:
     """Open the gallery, time searches, enrollments and erasures; write what was seen as JSON."""
     import faiss
-
     from facelink.cloud.gallery import Gallery, GalleryLimits
     from facelink.cloud.gallery.snapshot import settings_with_index
 
@@ -231,7 +230,7 @@ def probe(args: argparse.Namespace) -> int:
     limits = GalleryLimits(max_identities=spec["identities"] + 10 * len(data["extra"]))
     g = Gallery(spec["folder"], limits, settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"))))
     startup = time.perf_counter() - started
-    loaded = g._indexes[spec["model"]]  # noqa: SLF001 - what the open loaded
+    loaded = g._indexes[spec["model"]]  # private: what the open loaded
     out: dict[str, Any] = {"startup_s": startup, "rss_mb": rss_mb(), "rss_before_open_mb": base_rss,
                            "index_kind": loaded.kind, "ef_search": loaded.config.hnsw_ef_search if loaded.kind == "hnsw" else None}
     model, queries = spec["model"], data["queries"]
@@ -245,7 +244,7 @@ def probe(args: argparse.Namespace) -> int:
         top.append(result[0].identity if result else "")
     out["search_ms"] = [1e3 * t for t in times]
     out["top1"] = top
-    hnsw = getattr(g._indexes[model].vectors, "index", None)  # noqa: SLF001 - the sweep sets the beam directly
+    hnsw = getattr(g._indexes[model].vectors, "index", None)  # the sweep sets the beam directly
     sweep = {}
     for ef in spec.get("ef_sweep", []) if hnsw is not None else []:
         default, hnsw.hnsw.efSearch = hnsw.hnsw.efSearch, ef
@@ -363,7 +362,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
         target_pos = size + protocol.target
         own_first = ids[:n_gen, 0] == target_pos
         other = np.where(own_first, scores[:n_gen, 1], scores[:n_gen, 0])
-        point = {"distractors": size, "gallery": int(len(everything)), "exact": open_set_point(true_scores, other, scores[n_gen:, 0])}
+        point = {"distractors": size, "gallery": len(everything), "exact": open_set_point(true_scores, other, scores[n_gen:, 0])}
         curve.append(point)
         if size not in sizes:
             continue
@@ -394,7 +393,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                 np.savez(work / "q.npz", **payload)
                 log.info("%s N=%d %s: measuring (timing lock, one core)", model, size, kind)
                 r = run_probe({"folder": str(folder), "model": lfw.model_id, "kind": kind, "queries": str(work / "q.npz"),
-                               "identities": int(len(everything)),
+                               "identities": len(everything),
                                "out": str(work / "out.json"), "ef_search": args.ef_search,
                                "ef_sweep": args.ef_sweep}, work, not args.no_lock)
                 ms = np.asarray(r.pop("search_ms"))
@@ -405,7 +404,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                               "recall_at_1_genuine": float(np.mean((np.asarray(v["top1"]) == exact_top1[take])[:n_q // 2]))}
                          for ef, v in r.pop("ef_sweep").items()}
                 half = n_q // 2
-                row = {"model": lfw.model_id, "dim": gen.dim, "identities": int(len(everything)), "synthetic": size,
+                row = {"model": lfw.model_id, "dim": gen.dim, "identities": len(everything), "synthetic": size,
                        "kind": kind, "default_kind": "hnsw" if len(everything) >= GalleryIndexConfig().hnsw_min_templates else "flat",
                        "queries": int(n_q), "search_p50_ms": float(np.percentile(ms, 50)), "search_p99_ms": float(np.percentile(ms, 99)),
                        "recall_at_1": float(agree.mean()), "recall_at_1_genuine": float(agree[:half].mean()),
@@ -425,7 +424,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                     point["hnsw"] = open_set_point(true_h, other_h, sc[n_gen:, 0])
                 print(_row_line(row), flush=True)
     return {"model": lfw.model_id, "manifest": model, "fit": fit, "rows": rows, "open_set": curve,
-            "lfw": {"enrolled": len(lfw_names), "genuine_probes": n_gen, "distractor_probes": int(len(protocol.distractors))}}
+            "lfw": {"enrolled": len(lfw_names), "genuine_probes": n_gen, "distractor_probes": len(protocol.distractors)}}
 
 
 def _row_line(row: dict[str, Any]) -> str:

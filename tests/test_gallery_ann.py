@@ -15,7 +15,6 @@ import stat
 import faiss
 import numpy as np
 import pytest
-
 from facelink.cloud.gallery import Gallery
 from facelink.cloud.gallery.ann import FlatVectors, HNSWVectors, storage_rows
 from facelink.cloud.gallery.index import EmbeddingIndex
@@ -25,6 +24,7 @@ from facelink.cloud.gallery.snapshot import (
     settings_with_index,
     snapshot_path,
 )
+
 from facelink.config import GalleryIndexConfig
 
 DIM = 32
@@ -125,7 +125,7 @@ def test_snapshot_is_private_and_a_reopen_loads_it_without_rebuilding(tmp_path, 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
-    import facelink.cloud.gallery.snapshot as snapshot
+    from facelink.cloud.gallery import snapshot
 
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt although the snapshot was usable")

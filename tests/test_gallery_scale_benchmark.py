@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from facelink.benchmarks import gallery_scale as bench
 from facelink.benchmarks.open_set import dir_at_far, rank1
 

@@ -69,7 +69,7 @@ def stored_labels(store: GalleryStore, model_id: str | None = None) -> dict[str,
         sql += " AND t.model_id = ?"
         params = (model_id,)
     out: dict[str, dict[int, str]] = {}
-    with store._read() as conn:  # noqa: SLF001 - one read transaction, like iter_templates
+    with store._read() as conn:  # the store's private read transaction: one consistent view
         for model, tid, name in conn.execute(sql, params):
             out.setdefault(model, {})[int(tid)] = name
     return out
@@ -79,7 +79,7 @@ def stored_vectors(store: GalleryStore, model_id: str, ids: Iterable[int]) -> tu
     """The vectors of template `ids` of `model_id` (damaged blobs skipped, as `iter_templates` does)."""
     wanted = sorted(ids)
     found_ids, vectors = [], []
-    with store._read() as conn:  # noqa: SLF001
+    with store._read() as conn:
         for start in range(0, len(wanted), 500):  # SQLite bounds the parameters of one statement
             part = wanted[start:start + 500]
             sql = (f"SELECT t.id, i.name, t.dim, t.vector FROM templates t JOIN identities i ON i.id = t.identity_id"
@@ -336,8 +336,7 @@ def discard(path: Path, reason: str | None = None) -> None:
     try:
         size = path.stat().st_size
         with open(path, "r+b") as f:  # the blocks of an unlinked file stay on disk: zero them first
-            for start in range(0, size, CHUNK):
-                f.write(bytes(min(CHUNK, size - start)))
+            f.writelines(bytes(min(CHUNK, size - start)) for start in range(0, size, CHUNK))
             f.flush()
             os.fsync(f.fileno())
     except OSError:
