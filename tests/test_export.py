@@ -186,7 +186,7 @@ def test_an_ensemble_transform_exports_on_its_gallery_models_embeddings(tmp_path
     assert row.min_cosine > 0.999 and "dlib-resnet-onnx@v1 embeddings of 4 faces" in exported.notes[0]
     # The derived ensemble still finds its other member and its query model's manifest.
     ensemble = GalleryEnsemble.load(exported.manifest_path)
-    assert ensemble.gallery_models == ("mobilefacenet@ms1m-1", "dlib-resnet-onnx@v1")
+    assert ensemble.gallery_models == ("mobilefacenet@ms1m-1", "dlib-resnet-onnx@v1", "edgeface-xs@webface-1")
 
 
 def test_export_cli_rejects_calib_without_int8(capsys: pytest.CaptureFixture[str]) -> None:
