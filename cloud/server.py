@@ -77,7 +77,7 @@ def open_gallery(config: CloudConfig) -> GalleryBackend:
     """The configured gallery: embedded in `gallery_dir`, or Qdrant at `gallery_backend.url`
     (with `gallery_dir` holding the server's own files); the service never asks which."""
     limits, backend = config.limits, config.gallery_backend
-    settings = GallerySettings(**backend.model_dump(exclude={"url"}))
+    settings = GallerySettings(**backend.model_dump(exclude={"url", "index"}), index=backend.index)
     return open_backend(backend.url or config.gallery_dir, GalleryLimits(
         max_identities=limits.max_identities, max_pictures_per_identity=limits.max_pictures_per_identity
     ), settings, state_dir=config.gallery_dir)

@@ -444,6 +444,9 @@ class GalleryBackendConfig(_Config):
     pending_grace_s: float = Field(
         600.0, gt=0, description="Qdrant points a crashed enrollment left pending are deleted after this long"
     )
+    index: GalleryIndexConfig = Field(
+        GalleryIndexConfig(), description="the embedded gallery's search index (exact, then approximate past a size)"
+    )
 
 
 class CloudConfig(_Config):

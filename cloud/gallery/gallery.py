@@ -75,9 +75,7 @@ class Gallery(ContextClosing):
         self._lock = threading.RLock()
         self._store = GalleryStore(self.directory / DB_NAME, limits, feed_retention_s=self.settings.feed_retention_s)
         self._indexes: dict[str, EmbeddingIndex] = {}
-        # GallerySettings.index where the settings carry one (see snapshot.settings_with_index).
-        index_config = getattr(getattr(self, "settings", None), "index", None)
-        self._index_config: GalleryIndexConfig = index_config or GalleryIndexConfig()
+        self._index_config: GalleryIndexConfig = self.settings.index or GalleryIndexConfig()
         self._snapshots = Snapshots(self.directory, self._index_config)
         try:
             # Read before loading: what other replicas commit meanwhile is applied by _catch_up.
