@@ -94,9 +94,15 @@ def _accuracy(row: str, prefix: str = "") -> Cell:
 def _payload_modes() -> Table:
     learned = _edge_row("learned:default+faces", 5)
     jpeg = _edge_row("jpeg", 90)
-    ensemble = RESULTS + "asymmetric.json:sets.lfw.rows[row=query vs ensemble].verification"
+    edgeface = RESULTS + "rate_accuracy_edgeface.json:"
+    learned_edgeface = edgeface + _edge_row("learned:default+faces", 5, recognizer="edgeface-xs@webface-1")
+    original_edgeface = edgeface + _edge_row("none", protocol="original", recognizer="edgeface-xs@webface-1")
+    ensemble = RESULTS + "asymmetric_edgeface.json:sets.lfw.rows[row=query vs ensemble].verification"
     return Table(RESULTS + "rate_accuracy.json", _cells({
-        "learned codec, face at q5, border ring at q1 (the default), MobileFaceNet in the cloud": {
+        "learned codec, face at q5, border ring at q1 (the default), EdgeFace-XS in the cloud (the default)": {
+            "bytes per face": _c("{:,.0f}", learned_edgeface + ".bytes_per_face"),
+            "LFW verification %": _accuracy(learned_edgeface)},
+        "the same, MobileFaceNet in the cloud": {
             "bytes per face": _c("{:,.0f}", learned + ".bytes_per_face"),
             "LFW verification %": _accuracy(learned)},
         "JPEG q90 crop, MobileFaceNet in the cloud": {
@@ -104,8 +110,26 @@ def _payload_modes() -> Table:
         "query-model embedding (int8), matched against the gallery ensemble": {
             "bytes per face": _c("{}", "runtime/manifests/facelink-query-v9.json:embedding.dim"),
             "LFW verification %": _accuracy(ensemble)},
+        "for reference: the original pictures, EdgeFace-XS": {"LFW verification %": _accuracy(original_edgeface)},
         "for reference: the original pictures, MobileFaceNet": {
             "LFW verification %": _accuracy(_edge_row("none", protocol="original"))},
+    }))
+
+
+def _recognisers() -> Table:
+    def row(model: str) -> dict[str, Cell]:
+        r = f"rows[recognizer={model},storage=float32]"
+        return {
+            "LFW View 2 %": _c("{:.2f} ± {:.2f}", r + ".accuracy_mean", r + ".accuracy_std"),
+            "1:N rank-1 %": _c("{:.2f}", r + ".rank1"),
+            "DIR@FAR=1%": _c("{:.2f}", r + ".dir_at_far"),
+            "ms per face": _c("{:.1f}", f"timings.{model}.ms_median"),
+        }
+    return Table(RESULTS + "recognisers.json", _cells({
+        "EdgeFace-XS (`edgeface-xs`, the default)": row("edgeface-xs@webface-1"),
+        "EdgeFace-XS, dynamic int8 (`edgeface-xs-int8`)": row("edgeface-xs-int8@webface-1"),
+        "EdgeFace-XXS (`edgeface-xxs`)": row("edgeface-xxs@webface-1"),
+        "MobileFaceNet (`mobilefacenet`, the previous default)": row("mobilefacenet@ms1m-1"),
     }))
 
 
@@ -130,23 +154,29 @@ def _codec() -> Table:
 
 
 def _asymmetric() -> Table:
-    def row(name: str, model: str) -> dict[str, Cell]:
+    def row(name: str, model: str | None = None) -> dict[str, Cell]:
         r = f"sets.lfw.rows[row={name}]"
-        return {
-            "query MACs/face": _c("{:.0f} M", f"costs.{model}.macs_per_face", scale=1e-6),
+        cells = {
             "LFW verification %": _c("{:.2f}", r + ".verification.accuracy_mean"),
             "rank-1 %": _c("{:.2f}", r + ".rank1"),
             "DIR@FAR=1%": _c("{:.2f}", r + ".dir_at_far"),
         }
-    ensemble = row("query vs ensemble", "facelink-query@v9")
+        if model is not None:
+            cells["gallery model MACs/face"] = _c("{:.0f} M", f"costs.{model}.macs_per_face", scale=1e-6)
+        return cells
+    ensemble = row("query vs ensemble")
     risk = "sets.lfw.rejection.uncertainty[fraction={}].risk"
     ensemble["rank-1 error, before -> after rejecting the 10% most uncertain gallery pictures"] = _c(
         "{:.2%} -> {:.2%}", risk.format(0.0), risk.format(0.1))
-    return Table(RESULTS + "asymmetric.json", _cells({
+    return Table(RESULTS + "asymmetric_edgeface.json", _cells({
         "query model vs the ensemble (what the cloud runs)": ensemble,
+        "query model vs raw MobileFaceNet (the distillation baseline)": row(
+            "distillation baseline: query vs mobilefacenet@ms1m-1 (no transform)"),
+        "query model vs EdgeFace-XS mapped into its space": row("query vs T(edgeface-xs@webface-1)"),
+        "query model vs dlib's ResNet mapped into its space": row("query vs T(dlib-resnet-onnx@v1)"),
         "query model vs itself": row("query symmetric", "facelink-query@v9"),
-        "MobileFaceNet vs itself (no asymmetry)": row("mobilefacenet@ms1m-1 symmetric",
-                                                      "mobilefacenet@ms1m-1"),
+        "MobileFaceNet vs itself (no asymmetry)": row("mobilefacenet@ms1m-1 symmetric", "mobilefacenet@ms1m-1"),
+        "EdgeFace-XS vs itself (no asymmetry)": row("edgeface-xs@webface-1 symmetric", "edgeface-xs@webface-1"),
     }))
 
 
@@ -180,8 +210,8 @@ def _load() -> Table:
 
 
 HEADLINES: dict[str, Table] = {
-    "demo": _demo(), "payload-modes": _payload_modes(), "codec": _codec(), "asymmetric": _asymmetric(),
-    "latency": _latency(), "load": _load(),
+    "demo": _demo(), "payload-modes": _payload_modes(), "recognisers": _recognisers(), "codec": _codec(),
+    "asymmetric": _asymmetric(), "latency": _latency(), "load": _load(),
 }
 
 _NUMBERS = re.compile(r"<!--\s*numbers:\s*([\w-]+)")
