@@ -1,7 +1,8 @@
-"""The embedded gallery at 1e4 to 1e6 identities: exact (flat) against HNSW, per recogniser.
+"""The embedded gallery at 1e4 to 1e6 identities: exact (flat) against HNSW and IVF, per recogniser.
 
     facelink bench gallery                                   # 1e4, 1e5, 1e6 x 3 models (hours)
     facelink bench gallery -- --sizes 10000 100000 --models mobilefacenet
+    facelink bench gallery -- --models mobilefacenet --sizes 1000000 --kinds ivf   # the IVF row only
     facelink bench gallery -- --quick                        # a tiny run, for the tests
 
 Per recogniser (MobileFaceNet 128-d, dlib ResNet via ONNX 128-d, EdgeFace-XS 512-d):
@@ -20,6 +21,8 @@ Per recogniser (MobileFaceNet 128-d, dlib ResNet via ONNX 128-d, EdgeFace-XS 512
    million. Steady-state enrollment through Gallery.enroll is measured on the full gallery.
 3. The HNSW index is built by the gallery's first open (niced, in a child process) and persisted
    as its snapshot; that open's time is reported as the build time (shared cores: indicative).
+   The IVF index is built the same way in a copy of the gallery (<folder>-ivf: one snapshot file
+   per folder), so the HNSW snapshot stays for the HNSW rows.
 4. Measured per (model, N, index kind) in a child process pinned to one core (taskset -c 0,
    faiss.omp_set_num_threads(1)) under the shared timing lock: start-up (Gallery open: flat
    rebuilds from the store, HNSW reads its snapshot and reconciles it), the process's RSS after
@@ -198,13 +201,17 @@ def bulk_load(folder: Path, model_id: str, names: list[str], vectors: np.ndarray
     return len(names) / (time.perf_counter() - started)
 
 
-def index_config(kind: str, ef_search: int | None) -> Any:
+def index_config(kind: str, ef_search: int | None, nprobe: int | None = None) -> Any:
     from facelink.config import GalleryIndexConfig
 
     base = GalleryIndexConfig()
     if kind == "flat":  # never HNSW, no snapshot: what a gallery below the threshold does
         return base.model_copy(update={"hnsw_min_templates": 1 << 62, "snapshot": False})
-    return base.model_copy(update={"hnsw_min_templates": 1, **({"hnsw_ef_search": ef_search} if ef_search else {})})
+    if kind == "ivf":
+        return base.model_copy(update={"hnsw_min_templates": 1, "large_kind": "ivf",
+                                       **({"ivf_nprobe": nprobe} if nprobe else {})})
+    return base.model_copy(update={"hnsw_min_templates": 1, "large_kind": "hnsw",
+                                   **({"hnsw_ef_search": ef_search} if ef_search else {})})
 
 
 # -- the measured child process -------------------------------------------------------------------------
@@ -228,11 +235,15 @@ def probe(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # A million synthetic identities plus LFW's people pass GalleryLimits' default of 1,000,000.
     limits = GalleryLimits(max_identities=spec["identities"] + 10 * len(data["extra"]))
-    g = Gallery(spec["folder"], limits, settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"))))
+    g = Gallery(spec["folder"], limits,
+                settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"), spec.get("nprobe"))))
     startup = time.perf_counter() - started
     loaded = g._indexes[spec["model"]]  # private: what the open loaded
     out: dict[str, Any] = {"startup_s": startup, "rss_mb": rss_mb(), "rss_before_open_mb": base_rss,
                            "index_kind": loaded.kind, "ef_search": loaded.config.hnsw_ef_search if loaded.kind == "hnsw" else None}
+    if loaded.kind == "ivf":
+        ivf = loaded.vectors.index
+        out |= {"nprobe": int(ivf.nprobe), "nlist": int(ivf.nlist), "trained_at": loaded.vectors.trained_at}
     model, queries = spec["model"], data["queries"]
     for q in queries[:20]:  # warm-up: page faults, first-call allocations
         g.search(model, q[None], K)
@@ -244,10 +255,12 @@ def probe(args: argparse.Namespace) -> int:
         top.append(result[0].identity if result else "")
     out["search_ms"] = [1e3 * t for t in times]
     out["top1"] = top
-    hnsw = getattr(g._indexes[model].vectors, "index", None)  # the sweep sets the beam directly
+    ann = getattr(g._indexes[model].vectors, "index", None)  # the sweep sets efSearch / nprobe directly
+    knob = (ann.hnsw, "efSearch") if loaded.kind == "hnsw" else (ann, "nprobe")
     sweep = {}
-    for ef in spec.get("ef_sweep", []) if hnsw is not None else []:
-        default, hnsw.hnsw.efSearch = hnsw.hnsw.efSearch, ef
+    for ef in spec.get("ef_sweep" if loaded.kind == "hnsw" else "nprobe_sweep", []) if ann is not None else []:
+        default = getattr(*knob)
+        setattr(*knob, ef)
         ms, names = [], []
         for q in queries:
             t = time.perf_counter()
@@ -255,7 +268,7 @@ def probe(args: argparse.Namespace) -> int:
             ms.append(1e3 * (time.perf_counter() - t))
             names.append(result[0].identity if result else "")
         sweep[str(ef)] = {"search_ms": ms, "top1": names}
-        hnsw.hnsw.efSearch = default
+        setattr(*knob, default)
     out["ef_sweep"] = sweep
     if "lfw" in data:
         names, scores = [], []
@@ -302,15 +315,40 @@ def run_probe(spec: dict[str, Any], work: Path, lock: bool) -> dict[str, Any]:
     return result
 
 
-def build(folder: Path, model: str, ef_search: int | None) -> float:
-    """The first HNSW open: builds the graph from the store and writes the snapshot (niced child)."""
+def build(folder: Path, model: str, ef_search: int | None, kind: str = "hnsw") -> float:
+    """The first HNSW (IVF) open: builds the index from the store and writes the snapshot (niced child)."""
     code = ("import sys,time;from facelink.cloud.gallery import Gallery;"
             "from facelink.cloud.gallery.snapshot import settings_with_index;"
             "from facelink.benchmarks.gallery_scale import index_config;"
-            f"t=time.perf_counter();g=Gallery({str(folder)!r},settings=settings_with_index(index_config('hnsw',{ef_search!r})));"
+            f"t=time.perf_counter();g=Gallery({str(folder)!r},settings=settings_with_index(index_config({kind!r},{ef_search!r})));"
             "b=time.perf_counter()-t;g.close();print(b)")
     done = subprocess.run(["nice", "-n", "19", sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def ivf_copy(folder: Path, model: str, stamp: dict[str, Any]) -> dict[str, Any]:
+    """<folder>-ivf: a copy of the gallery's store whose snapshot is the IVF index (built once)."""
+    target = folder.with_name(folder.name + "-ivf")
+    marker = target / "bench-ready.json"
+    if marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
+        return json.loads(marker.read_text())
+    if target.exists():
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+    target.mkdir(mode=0o700)
+    for p in folder.iterdir():
+        if p.name.startswith("gallery.sqlite3"):
+            subprocess.run(["cp", "--sparse=always", str(p), str(target / p.name)], check=True)
+    log.info("building the IVF index in %s (first open, niced)", target)
+    made = {"stamp": stamp, "build_s": build(target, model, None, "ivf")}
+    marker.write_text(json.dumps(made))
+    return made
+
+
+def default_kind(identities: int) -> str:
+    from facelink.config import GalleryIndexConfig
+
+    config = GalleryIndexConfig()
+    return config.large_kind if identities >= config.hnsw_min_templates else "flat"
 
 
 # -- exact answers ----------------------------------------------------------------------------------------
@@ -335,8 +373,6 @@ def open_set_point(target_scores: np.ndarray, other_scores: np.ndarray, distract
 
 # -- the whole run ---------------------------------------------------------------------------------------
 def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from facelink.config import GalleryIndexConfig
-
     from .gallery_lfw import embed_lfw
     from .open_set import open_set_protocol
 
@@ -382,20 +418,22 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
             build_s = build(folder, lfw.model_id, args.ef_search)
             marker.write_text(json.dumps({"stamp": stamp, "bulk_per_s": rate, "build_s": build_s}))
         made = json.loads(marker.read_text())
+        made_ivf = ivf_copy(folder, lfw.model_id, stamp) if "ivf" in args.kinds else {}
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            for kind in ("flat", "hnsw"):
-                n_q = len(queries) if kind == "hnsw" else min(len(queries), max(100, int(4e9 // (len(everything) * gen.dim))))
+            for kind in args.kinds:
+                where = folder.with_name(folder.name + "-ivf") if kind == "ivf" else folder
+                n_q = len(queries) if kind != "flat" else min(len(queries), max(100, int(4e9 // (len(everything) * gen.dim))))
                 take = np.r_[0:n_q // 2, len(w.genuine_queries):len(w.genuine_queries) + n_q - n_q // 2]
                 payload = {"queries": queries[take], "extra": w.enroll_extra}
-                if kind == "hnsw":
+                if kind != "flat":
                     payload["lfw"] = probes
                 np.savez(work / "q.npz", **payload)
                 log.info("%s N=%d %s: measuring (timing lock, one core)", model, size, kind)
-                r = run_probe({"folder": str(folder), "model": lfw.model_id, "kind": kind, "queries": str(work / "q.npz"),
+                r = run_probe({"folder": str(where), "model": lfw.model_id, "kind": kind, "queries": str(work / "q.npz"),
                                "identities": len(everything),
-                               "out": str(work / "out.json"), "ef_search": args.ef_search,
-                               "ef_sweep": args.ef_sweep}, work, not args.no_lock)
+                               "out": str(work / "out.json"), "ef_search": args.ef_search, "nprobe": args.nprobe,
+                               "ef_sweep": args.ef_sweep, "nprobe_sweep": args.nprobe_sweep}, work, not args.no_lock)
                 ms = np.asarray(r.pop("search_ms"))
                 agree = np.asarray(r.pop("top1")) == exact_top1[take]
                 # Mated queries whose exact answer is their own identity: where a miss costs a match.
@@ -408,14 +446,15 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                          for ef, v in r.pop("ef_sweep").items()}
                 half = n_q // 2
                 row = {"model": lfw.model_id, "dim": gen.dim, "identities": len(everything), "synthetic": size,
-                       "kind": kind, "default_kind": "hnsw" if len(everything) >= GalleryIndexConfig().hnsw_min_templates else "flat",
+                       "kind": kind, "default_kind": default_kind(len(everything)),
                        "queries": int(n_q), "search_p50_ms": float(np.percentile(ms, 50)), "search_p99_ms": float(np.percentile(ms, 99)),
                        "recall_at_1": float(agree.mean()), "recall_at_1_genuine": float(agree[:half].mean()),
                        "recall_at_1_impostor": float(agree[half:].mean()),
                        "exact_right_fraction": float(right.mean()), "recall_at_1_exact_right": float(agree[:half][right].mean()),
                        "bulk_load_per_s": made["bulk_per_s"], "hnsw_build_s": made["build_s"] if kind == "hnsw" else None,
-                       "snapshot_mb": (sum(p.stat().st_size for p in folder.glob("index-*.snap")) / 2**20) if kind == "hnsw" else None,
-                       "ef_search": r.get("ef_search"), "ef_sweep": sweep,
+                       "ivf_build_s": made_ivf.get("build_s") if kind == "ivf" else None,
+                       "snapshot_mb": (sum(p.stat().st_size for p in where.glob("index-*.snap")) / 2**20) if kind != "flat" else None,
+                       "ef_search": r.get("ef_search"), ("nprobe_sweep" if kind == "ivf" else "ef_sweep"): sweep,
                        **{k: v for k, v in r.items() if not k.startswith("lfw_")}}
                 rows.append(row)
                 if "lfw_names" in r:
@@ -425,7 +464,7 @@ def run_model(model: str, sizes: list[int], args: argparse.Namespace, root: Path
                     second = names[:n_gen, 1] == want
                     other_h = np.where(first, sc[:n_gen, 1], sc[:n_gen, 0])
                     true_h = np.where(first, sc[:n_gen, 0], np.where(second, sc[:n_gen, 1], true_scores))
-                    point["hnsw"] = open_set_point(true_h, other_h, sc[n_gen:, 0])
+                    point[kind] = open_set_point(true_h, other_h, sc[n_gen:, 0])
                 print(_row_line(row), flush=True)
     return {"model": lfw.model_id, "manifest": model, "fit": fit, "rows": rows, "open_set": curve,
             "lfw": {"enrolled": len(lfw_names), "genuine_probes": n_gen, "distractor_probes": len(protocol.distractors)}}
@@ -448,19 +487,21 @@ def format_report(payload: dict[str, Any]) -> str:
                                                    for name in ("real_genuine", "synthetic_genuine", "real_impostor", "synthetic_impostor")])
         lines.append("")
         lines += reporting.markdown_table(
-            ["identities", "index", "start-up s", "RSS MB", "p50 ms", "p99 ms", "recall@1 (gen/imp)", "enroll/s", "erase/s", "HNSW build s"],
+            ["identities", "index", "start-up s", "RSS MB", "p50 ms", "p99 ms", "recall@1 (gen/imp)", "enroll/s", "erase/s", "build s"],
             [[f"{r['identities']:,}", r["kind"] + (" *" if r["kind"] == r["default_kind"] else ""), f"{r['startup_s']:.2f}",
               f"{r['rss_mb']:.0f}", f"{r['search_p50_ms']:.3f}", f"{r['search_p99_ms']:.3f}",
               f"{r['recall_at_1']:.4f} ({r['recall_at_1_genuine']:.3f}/{r['recall_at_1_impostor']:.3f})",
-              f"{r['enroll_per_s']:.0f}", f"{r['remove_per_s']:.0f}", f"{r['hnsw_build_s']:.0f}" if r["hnsw_build_s"] else ""]
+              f"{r['enroll_per_s']:.0f}", f"{r['remove_per_s']:.0f}", f"{built:.0f}" if (built := r["hnsw_build_s"] or r.get("ivf_build_s")) else ""]
              for r in m["rows"]])
         lines.append("")
         lines.append(f"LFW open set ({m['lfw']['enrolled']} people enrolled, {m['lfw']['genuine_probes']} genuine and "
                      f"{m['lfw']['distractor_probes']} never-enrolled probes) as synthetic distractors grow:")
+        approx = [k for k in ("hnsw", "ivf") if any(k in p for p in m["open_set"])]
         lines += reporting.markdown_table(
-            ["distractors", "rank-1 exact", "DIR@FAR1% exact", "threshold", "rank-1 HNSW", "DIR@FAR1% HNSW"],
+            ["distractors", "rank-1 exact", "DIR@FAR1% exact", "threshold",
+             *[f"{c} {k.upper()}" for k in approx for c in ("rank-1", "DIR@FAR1%")]],
             [[f"{p['distractors']:,}", f"{p['exact']['rank1']:.4f}", f"{p['exact']['dir_at_far']:.4f}", f"{p['exact']['threshold']:.3f}",
-              f"{p['hnsw']['rank1']:.4f}" if "hnsw" in p else "", f"{p['hnsw']['dir_at_far']:.4f}" if "hnsw" in p else ""]
+              *[f"{p[k][c]:.4f}" if k in p else "" for k in approx for c in ("rank1", "dir_at_far")]]
              for p in m["open_set"]])
         lines.append("")
     lines.append("* the kind GalleryIndexConfig's default threshold picks at that size")
@@ -479,9 +520,10 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         x = [p["distractors"] for p in pts]
         for ax, key in zip(axes, ("rank1", "dir_at_far")):
             line, = ax.plot(x, [p["exact"][key] for p in pts], marker="o", label=f"{m['model']} exact")
-            h = [(p["distractors"], p["hnsw"][key]) for p in pts if "hnsw" in p]
-            if h:
-                ax.plot(*zip(*h), marker="x", linestyle="--", color=line.get_color(), label=f"{m['model']} HNSW")
+            for kind, style in (("hnsw", "--"), ("ivf", ":")):
+                h = [(p["distractors"], p[kind][key]) for p in pts if kind in p]
+                if h:
+                    ax.plot(*zip(*h), marker="x", linestyle=style, color=line.get_color(), label=f"{m['model']} {kind.upper()}")
     for ax, title in zip(axes, ("rank-1 identification", f"DIR at FAR = {FAR:.0%}")):
         ax.set_xscale("log")
         ax.set_xlabel("synthetic distractors in the gallery")
@@ -504,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int, help="HNSW efSearch (default: GalleryIndexConfig's)")
     p.add_argument("--ef-sweep", type=int, nargs="*", default=[32, 64, 256, 512],
                    help="also measure these efSearch values (HNSW rows' ef_sweep)")
+    p.add_argument("--kinds", nargs="+", choices=("flat", "hnsw", "ivf"), default=["flat", "hnsw"],
+                   help="index kinds measured (ivf: in a copy of each gallery, built once)")
+    p.add_argument("--nprobe", type=int, help="IVF lists probed (default: GalleryIndexConfig's)")
+    p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[16, 32, 64, 128, 256],
+                   help="also measure these nprobe values (IVF rows' nprobe_sweep)")
     p.add_argument("--data", help="LFW folder (default: $FACELINK_DATA, ../shared/data/lfw)")
     p.add_argument("--limit-people", type=int, help="only the first N LFW people by name (quick runs)")
     p.add_argument("--galleries", type=Path, help="where the galleries are kept (default $FACELINK_CACHE/gallery-scale)")

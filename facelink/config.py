@@ -418,6 +418,18 @@ class GalleryIndexConfig(_Config):
         0.2, gt=0.0, le=1.0, description="rebuild the graph once this fraction of its nodes are erased templates"
     )
     snapshot: bool = Field(True, description="persist HNSW indexes in the gallery folder so a start does not rebuild them")
+    # Large galleries: an HNSW graph or an inverted-file index (IVF, docs/gallery-scale.md compares them at 1e6).
+    large_kind: Literal["hnsw", "ivf"] = Field(
+        "hnsw", description="index from hnsw_min_templates on: hnsw (graph) or ivf (k-means lists, exact within the lists probed)"
+    )
+    ivf_nlist: int | None = Field(
+        None, ge=1, description="IVF lists (k-means centroids); None: 4 x sqrt(templates at training), at most 1 per 39 samples"
+    )
+    ivf_nprobe: int = Field(64, ge=1, description="IVF lists searched per query: larger searches slower, misses less")
+    ivf_train_size: int = Field(200_000, ge=1_000, description="templates sampled (seeded) to train the IVF k-means")
+    ivf_retrain_growth: float = Field(
+        4.0, gt=1.0, description="retrain the IVF lists once the gallery holds this many times the templates it was trained on"
+    )
 
 
 class GalleryBackendConfig(_Config):

@@ -5,7 +5,9 @@ store (or from a snapshot reconciled with it, `snapshot`) on open and only touch
 transaction has committed. Vectors are L2-normalised, so the inner product is the cosine
 similarity. The vectors live in an exact flat index while the model holds fewer than
 `GalleryIndexConfig.hnsw_min_templates` templates (no recall loss, a few ms a search) and in an
-HNSW graph from then on (`ann`); the switch happens when the index is built or grows past it.
+HNSW graph or an IVF index (`large_kind`) from then on (`ann`); the switch happens when the index
+is built or grows past it. An IVF index is retrained on the live vectors once the model holds
+`ivf_retrain_growth` times the templates it was trained on (its lists would drift otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from facelink.config import GalleryIndexConfig
 
-from .ann import FlatVectors, VectorStore, new_store
+from .ann import FlatVectors, IVFVectors, VectorStore, new_store
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class EmbeddingIndex:
 
     @property
     def kind(self) -> str:
-        """flat (exact) or hnsw (approximate)."""
+        """flat (exact), hnsw or ivf (approximate)."""
         return self._vectors.kind
 
     @property
@@ -101,7 +103,10 @@ class EmbeddingIndex:
         if len(ids_arr) == 0:
             return
         if isinstance(self._vectors, FlatVectors) and len(self) + len(ids_arr) >= self.config.hnsw_min_templates:
-            self._restore(len(self) + len(ids_arr))  # grown past the threshold: exact -> HNSW
+            self._restore(len(self) + len(ids_arr))  # grown past the threshold: exact -> HNSW or IVF
+        elif isinstance(self._vectors, IVFVectors) and self._vectors.trained_at and \
+                len(self) + len(ids_arr) > self.config.ivf_retrain_growth * self._vectors.trained_at:
+            self._restore(len(self) + len(ids_arr))  # lists trained on a much smaller gallery: retrain
         self._vectors.add(ids_arr, vecs)
         self._labels.update(zip(ids_arr.tolist(), labels))
 

@@ -1,4 +1,4 @@
-"""HNSW indexes persisted in the gallery folder, so that a large gallery does not rebuild at start.
+"""HNSW and IVF indexes persisted in the gallery folder, so that a large gallery does not rebuild at start.
 
 Building the HNSW graph of a million templates takes minutes; reading it back takes seconds. One
 file per model, `index-<model id>.snap` (0600, in the 0700 gallery folder), is a cache of the
@@ -17,10 +17,14 @@ store like the index itself, never the truth:
   after `Gallery.remove` returns no file in the folder holds the erased embedding. That works
   because faiss serialises an `IndexHNSWFlat`'s vectors as the last block of its output; the
   writer checks that this holds, and a file where it does not is deleted on erasure instead.
+  An `IndexIVFFlat`'s lists are likewise its last block, each list's vectors then its ids; the
+  list sizes stored beside the ids give every template's place, and an erasure zeroes its vector
+  and its id in faiss's list (-1: dropped at the next load).
 
 Layout: a 4096-byte JSON header (space padded), the template id of each graph node (int64,
--1 for an erased node), faiss's serialisation of the `IndexHNSWFlat`, then the CRC table
-(uint32 per MiB of the ids and faiss parts). Several replicas sharing a folder each write the
+-1 for an erased node; IVF: of each list entry in list order), IVF only: the size of each list
+(int64), faiss's serialisation of the `IndexHNSWFlat` or `IndexIVFFlat`, then the CRC table
+(uint32 per MiB of the ids, sizes and faiss parts). Several replicas sharing a folder each write the
 file at close; the last one wins and every open reconciles it with the store.
 """
 
@@ -42,7 +46,7 @@ import numpy as np
 
 from facelink.config import GalleryIndexConfig
 
-from .ann import HNSWVectors, storage_rows
+from .ann import HNSWVectors, IVFVectors, storage_rows
 from .index import EmbeddingIndex
 from .store import GalleryStore, _vector, private_umask
 
@@ -132,14 +136,21 @@ class Header:
     hnsw_m: int
     ef_construction: int
     table_crc: int = 0
+    kind: str = "hnsw"             # or "ivf"
+    lists: int = 0                 # IVF lists (their sizes follow the ids)
+    trained_at: int = 0            # IVF: templates the gallery held when the lists were trained
 
     @property
     def ids_offset(self) -> int:
         return HEADER_BYTES
 
     @property
-    def faiss_offset(self) -> int:
+    def sizes_offset(self) -> int:
         return HEADER_BYTES + 8 * self.nodes
+
+    @property
+    def faiss_offset(self) -> int:
+        return self.sizes_offset + 8 * self.lists
 
     @property
     def table_offset(self) -> int:
@@ -147,7 +158,23 @@ class Header:
 
     @property
     def vectors_offset(self) -> int:
-        return self.table_offset - 4 * self.dim * self.nodes
+        """HNSW: where the vectors start; IVF: where the lists' data (vectors, then ids, per list) starts."""
+        return self.table_offset - (4 * self.dim + (8 if self.kind == "ivf" else 0)) * self.nodes
+
+    def places(self, rows: np.ndarray, sizes: np.ndarray) -> list[tuple[int, int]]:
+        """(vector offset, faiss id offset or -1) in the file of each row of the ids part."""
+        if self.kind != "ivf":
+            return [(self.vectors_offset + 4 * self.dim * r, -1) for r in rows.tolist()]
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        row_bytes = 4 * self.dim
+        out = []
+        for r in rows.tolist():
+            lst = int(np.searchsorted(ends, r, side="right"))
+            base = self.vectors_offset + int(starts[lst]) * (row_bytes + 8)
+            j = r - int(starts[lst])
+            out.append((base + j * row_bytes, base + int(sizes[lst]) * row_bytes + 8 * j))
+        return out
 
     @property
     def chunks(self) -> int:
@@ -176,18 +203,23 @@ class Header:
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def write_snapshot(path: Path, model_id: str, vectors: HNSWVectors, config: GalleryIndexConfig) -> None:
+def write_snapshot(path: Path, model_id: str, vectors: HNSWVectors | IVFVectors, config: GalleryIndexConfig) -> None:
     """Write `vectors` to `path` atomically (0600): a crash leaves the old file or the new one."""
     index = vectors.index
+    ivf = isinstance(vectors, IVFVectors)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     crc = ChunkCrc()
     try:
         with private_umask(), open(tmp, "w+b") as f:
             os.chmod(tmp, 0o600)
             f.write(b" " * HEADER_BYTES)
-            ids = np.ascontiguousarray(vectors.ids, dtype="<i8").tobytes()
-            f.write(ids)
-            crc.feed(ids)
+            sizes = np.zeros(0, dtype=np.int64)
+            if ivf:
+                inv = index.invlists
+                sizes = np.array([inv.list_size(i) for i in range(inv.nlist)], dtype="<i8")
+            for block in (np.ascontiguousarray(vectors.ids, dtype="<i8").tobytes(), sizes.astype("<i8").tobytes()):
+                f.write(block)
+                crc.feed(block)
             written = 0
 
             def sink(data: bytes) -> int:
@@ -200,8 +232,9 @@ def write_snapshot(path: Path, model_id: str, vectors: HNSWVectors, config: Gall
             faiss.write_index(index, faiss.PyCallbackIOWriter(sink))
             table = crc.finish()
             header = Header(model_id, vectors.dim, int(index.ntotal), written, False, config.hnsw_m,
-                            config.hnsw_ef_construction, zlib.crc32(table.tobytes()))
-            header.vectors_at_end = _vectors_at_end(f, header, index)
+                            config.hnsw_ef_construction, zlib.crc32(table.tobytes()), kind=vectors.kind,
+                            lists=len(sizes), trained_at=vectors.trained_at if ivf else 0)
+            header.vectors_at_end = _ivf_lists_at_end(f, header, index, sizes) if ivf else _vectors_at_end(f, header, index)
             f.write(table.tobytes())
             f.seek(0)
             f.write(header.encode())
@@ -228,6 +261,27 @@ def _vectors_at_end(f: BinaryIO, header: Header, index: faiss.IndexHNSWFlat) -> 
     return True
 
 
+def _ivf_lists_at_end(f: BinaryIO, header: Header, index: faiss.IndexIVFFlat, sizes: np.ndarray) -> bool:
+    """Whether faiss's output ends with the lists, each its vectors then its ids, in list order
+    (the first and the last entry's vector and id compared): what lets an erasure find them."""
+    if header.nodes == 0:
+        return True
+    inv, row_bytes = index.invlists, 4 * header.dim
+    filled = np.flatnonzero(sizes)
+    for lst, j, row in ((int(filled[0]), 0, 0), (int(filled[-1]), int(sizes[filled[-1]]) - 1, header.nodes - 1)):
+        (vec_at, id_at), = header.places(np.array([row]), sizes)
+        codes = faiss.rev_swig_ptr(inv.get_codes(lst), int(sizes[lst]) * row_bytes)[j * row_bytes:(j + 1) * row_bytes]
+        ident = faiss.rev_swig_ptr(inv.get_ids(lst), int(sizes[lst]))[j]
+        f.seek(vec_at)
+        if f.read(row_bytes) != codes.tobytes():
+            return False
+        f.seek(id_at)
+        if f.read(8) != np.int64(ident).astype("<i8").tobytes():
+            return False
+    f.seek(0, os.SEEK_END)
+    return True
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -242,8 +296,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------------------
-def read_snapshot(path: Path, model_id: str, dim: int, config: GalleryIndexConfig) -> HNSWVectors:
-    """The HNSW vectors stored in `path`; raises SnapshotError unless it is whole and matches."""
+def read_snapshot(path: Path, model_id: str, dim: int, config: GalleryIndexConfig) -> HNSWVectors | IVFVectors:
+    """The HNSW or IVF vectors stored in `path`; raises SnapshotError unless it is whole and matches."""
     try:
         with open(path, "rb") as f:
             header = Header.decode(f.read(HEADER_BYTES))
@@ -251,8 +305,12 @@ def read_snapshot(path: Path, model_id: str, dim: int, config: GalleryIndexConfi
                 raise SnapshotError(f"snapshot is of model {header.model_id!r}, not {model_id!r}")
             if header.dim != dim:
                 raise SnapshotError(f"snapshot holds {header.dim}-d vectors, the store {dim}-d")
-            if (header.hnsw_m, header.ef_construction) != (config.hnsw_m, config.hnsw_ef_construction):
+            if header.kind != config.large_kind:
+                raise SnapshotError(f"snapshot holds a {header.kind} index, the configuration asks for {config.large_kind}")
+            if header.kind == "hnsw" and (header.hnsw_m, header.ef_construction) != (config.hnsw_m, config.hnsw_ef_construction):
                 raise SnapshotError("snapshot was built with other HNSW settings")
+            if header.kind == "ivf" and config.ivf_nlist and config.ivf_nlist != header.lists:
+                raise SnapshotError("snapshot was built with other IVF settings")
             size = os.fstat(f.fileno()).st_size
             if size != header.table_offset + 4 * header.chunks:
                 raise SnapshotError(f"snapshot is {size} bytes, its header says {header.table_offset + 4 * header.chunks}")
@@ -264,6 +322,8 @@ def read_snapshot(path: Path, model_id: str, dim: int, config: GalleryIndexConfi
             f.seek(header.ids_offset)
             raw_ids = f.read(8 * header.nodes)
             crc.feed(raw_ids)
+            raw_sizes = f.read(8 * header.lists)
+            crc.feed(raw_sizes)
             remaining = header.faiss_bytes
 
             def source(n: int) -> bytes:
@@ -280,10 +340,20 @@ def read_snapshot(path: Path, model_id: str, dim: int, config: GalleryIndexConfi
         raise SnapshotError(f"cannot read snapshot: {exc}") from exc
     except RuntimeError as exc:  # faiss's own parse errors
         raise SnapshotError(f"faiss cannot read the snapshot: {exc}") from exc
-    if not isinstance(index, faiss.IndexHNSWFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
+    ids = np.frombuffer(raw_ids, dtype="<i8").copy()
+    wanted = faiss.IndexIVFFlat if header.kind == "ivf" else faiss.IndexHNSWFlat
+    if not isinstance(index, wanted) or index.metric_type != faiss.METRIC_INNER_PRODUCT \
             or index.d != dim or index.ntotal != header.nodes:
-        raise SnapshotError("snapshot does not hold an inner-product HNSW index of the expected shape")
-    return HNSWVectors(dim, config, index, np.frombuffer(raw_ids, dtype="<i8").copy())
+        raise SnapshotError(f"snapshot does not hold an inner-product {header.kind} index of the expected shape")
+    if header.kind == "hnsw":
+        return HNSWVectors(dim, config, index, ids)
+    if index.nlist != header.lists or index.direct_map.type != faiss.DirectMap.Hashtable:
+        raise SnapshotError("snapshot's IVF lists do not match its header")
+    if (ids < 0).any():  # entries erased in the file (zeroed, id -1): drop them, rebuild the id map
+        index.set_direct_map_type(faiss.DirectMap.NoMap)
+        index.remove_ids(np.array([-1], dtype=np.int64))
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return IVFVectors(dim, config, index, header.trained_at)
 
 
 # -- erasure ------------------------------------------------------------------------------------------
@@ -299,14 +369,19 @@ def scrub(path: Path, template_ids: Iterable[int]) -> None:
             if not header.vectors_at_end:
                 raise SnapshotError("its vectors cannot be located")
             ids = np.frombuffer(f.read(8 * header.nodes), dtype="<i8").copy()
+            sizes = np.frombuffer(f.read(8 * header.lists), dtype="<i8").copy()
             rows = np.flatnonzero(np.isin(ids, wanted))
             if rows.size == 0:
                 return
+            if header.lists and int(sizes.sum()) != header.nodes:
+                raise SnapshotError("its list sizes do not add up")
             zeros = bytes(4 * header.dim)
             touched = set()
-            for row in rows.tolist():
-                for offset, data in ((header.ids_offset + 8 * row, b"\xff" * 8),
-                                     (header.vectors_offset + 4 * header.dim * row, zeros)):
+            for row, (vec_at, id_at) in zip(rows.tolist(), header.places(rows, sizes)):
+                writes = [(header.ids_offset + 8 * row, b"\xff" * 8), (vec_at, zeros)]
+                if id_at >= 0:  # IVF: faiss's own copy of the id in the list
+                    writes.append((id_at, b"\xff" * 8))
+                for offset, data in writes:
                     f.seek(offset)
                     f.write(data)
                     first = (offset - header.ids_offset) // CHUNK
@@ -373,7 +448,7 @@ class Snapshots:
     def load_all(self, store: GalleryStore, model_id: str | None) -> dict[str, EmbeddingIndex]:
         """Every model's index (or `model_id`'s, always rebuilt: its templates were replaced): from
         its snapshot reconciled with the store when one is usable, else built from the store and
-        written back when HNSW."""
+        written back when HNSW or IVF."""
         labels = stored_labels(store, model_id)
         out: dict[str, EmbeddingIndex] = {}
         for model, names in labels.items():
@@ -430,12 +505,12 @@ class Snapshots:
         self.dirty.add(model_id)
 
     def save(self, store: GalleryStore, model_id: str, index: EmbeddingIndex) -> None:
-        """Write `model_id`'s snapshot if it changed and is HNSW (a flat index rebuilds in no time),
+        """Write `model_id`'s snapshot if it changed and is HNSW or IVF (a flat index rebuilds in no time),
         after dropping what the store no longer holds; a failure is logged, never raised."""
         if model_id not in self.dirty or not self.config.snapshot:
             return
         path = self.path(model_id)
-        if not isinstance(index.vectors, HNSWVectors):
+        if not isinstance(index.vectors, (HNSWVectors, IVFVectors)):
             discard(path)
             self.dirty.discard(model_id)
             return
@@ -445,7 +520,7 @@ class Snapshots:
             gone = np.setdiff1d(held, np.fromiter(live, dtype=np.int64, count=len(live)))
             if gone.size:
                 index.remove(gone.tolist())
-            if isinstance(index.vectors, HNSWVectors):
+            if isinstance(index.vectors, (HNSWVectors, IVFVectors)):
                 write_snapshot(path, model_id, index.vectors, self.config)
             self.dirty.discard(model_id)
         except (OSError, SnapshotError, sqlite3.Error) as exc:
