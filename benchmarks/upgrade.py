@@ -1,7 +1,7 @@
 """Recogniser upgrade without re-enrollment: the new model's probes against templates transformed
 from the old model's stored embeddings, against native templates of the new model.
 
-    facelink bench upgrade [-- --transform mobilefacenet-to-edgeface-xs --record]
+    facelink bench upgrade [-- --transform mobilefacenet-dlib-to-edgeface-xs --record]
 
 The upgrade transform (`runtime/upgrade.py`, trained by `facelink.export.query.transforms` on the
 training faces only) maps recogniser A's unit embedding into recogniser B's space. Rows (the probe
@@ -63,7 +63,7 @@ from .asymmetric import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRANSFORM = "mobilefacenet-to-edgeface-xs"
+DEFAULT_TRANSFORM = "mobilefacenet-dlib-to-edgeface-xs"  # the multi-source one; --transform mobilefacenet-to-edgeface-xs for A alone
 DEFAULT_JSON = reporting.RESULTS_DIR / "upgrade.json"
 RANK1_TARGET = 0.98  # transformed templates' rank-1 as a share of native templates'
 MIXED = (0.25, 0.5, 0.75)
@@ -75,27 +75,34 @@ def transformed_identities(identities: list[str], fraction: float) -> set[str]:
     return set(ranked[: round(fraction * len(ranked))])
 
 
-def build_rows(upgrade: Any, a: np.ndarray, b: np.ndarray, evalset: EvalSet, mixed: tuple[float, ...]) -> list[Row]:
+def build_rows(upgrade: Any, olds: dict[str, np.ndarray], b: np.ndarray, evalset: EvalSet,
+               mixed: tuple[float, ...]) -> list[Row]:
+    """`olds`: every source model's embeddings of the images (a multi-source upgrade reads them all)."""
     source, target = upgrade.source_model, upgrade.target_model
-    t = upgrade.ensemble.transform({source: a}).vectors
+    a = olds[source]
+    t = upgrade.ensemble.transform(olds).vectors
+    label = " + ".join(f"T({m})" for m in olds)
     rows = [
         Row("A native (before the upgrade)", "before", source, f"{source} (from pictures)", a, a),
         Row("B native (re-enrolled)", "native", target, f"{target} (from pictures)", b, b),
-        Row("B vs T(A) (upgraded, no re-enrollment)", "transformed", target, f"T({source}) -> {target}", b, t),
+        Row("B vs T(A) (upgraded, no re-enrollment)", "transformed", target, f"{label} -> {target}", b, t),
     ]
+    if len(olds) > 1:  # what the primary source alone gives through the same manifest (a picture lacking the others)
+        rows.append(Row(f"B vs T({source}) only (the other sources missing)", "primary-only", target,
+                        f"T({source}) -> {target}", b, upgrade.ensemble.transform({source: a}).vectors))
     enrolled = [str(i) for i in evalset.open_set.enrolled] if evalset.open_set is not None else []
     for fraction in mixed:
         chosen = transformed_identities(enrolled, fraction)
         use_t = np.array([identity in chosen for identity in evalset.identities], dtype=bool)
         gallery = np.where(use_t[:, None], t, b)
         rows.append(Row(f"B vs mixed gallery, {fraction:.0%} transformed", "mixed", target,
-                        f"{len(chosen)} of {len(enrolled)} people T({source}), the rest native", b, gallery))
+                        f"{len(chosen)} of {len(enrolled)} people {label}, the rest native", b, gallery))
     return rows
 
 
-def through_gallery(upgrade: Any, a: np.ndarray, b: np.ndarray, evalset: EvalSet) -> dict[str, Any]:
-    """Enroll the 1:N gallery with A's embeddings into a real Gallery, upgrade it as the CLI does,
-    search B probes: rank-1 over the genuine probes, and the upgrade's time."""
+def through_gallery(upgrade: Any, olds: dict[str, np.ndarray], b: np.ndarray, evalset: EvalSet) -> dict[str, Any]:
+    """Enroll the 1:N gallery with the old models' embeddings into a real Gallery, upgrade it as the
+    CLI does, search B probes: rank-1 over the genuine probes, and the upgrade's time."""
     from facelink.cloud.gallery import Gallery
     from facelink.cloud.upgrade import upgrade_gallery
 
@@ -103,7 +110,7 @@ def through_gallery(upgrade: Any, a: np.ndarray, b: np.ndarray, evalset: EvalSet
     assert o is not None
     with tempfile.TemporaryDirectory(prefix="facelink-upgrade-") as folder, Gallery(folder) as gallery:
         for position, image in enumerate(o.gallery):
-            gallery.enroll_pictures(f"person-{position:05d}", {upgrade.source_model: a[image][None]})
+            gallery.enroll_pictures(f"person-{position:05d}", {m: e[image][None] for m, e in olds.items()})
         report = upgrade_gallery(gallery, upgrade)
         found = gallery.search(upgrade.target_model, b[o.genuine], k=1)
         templates = [r for r in gallery.templates_of("person-00000") if r.model_id == upgrade.target_model]
@@ -144,7 +151,8 @@ def format_report(payload: dict[str, Any]) -> str:
     lines = [
         f"command: {payload['command']}",
         f"{reporting.machine_line(machine)}; date: {payload['date_human']}",
-        f"upgrade: {u['source_model']} (A) -> {u['target_model']} (B) through {u['manifest']}",
+        (f"upgrade: {' + '.join(u.get('source_models', [u['source_model']]))} (A) -> {u['target_model']} (B) "
+         f"through {u['manifest']}"),
     ]
     costs: dict[str, dict] = {u["source_model"]: {}, u["target_model"]: {}}
     for result in payload["sets"].values():
@@ -178,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 examples:
   facelink bench upgrade
   facelink bench upgrade -- --record             # and write the LFW figures into the manifest
+  facelink bench upgrade -- --transform mobilefacenet-to-edgeface-xs --json /tmp/upgrade-single.json   # A alone
   facelink bench upgrade -- --sets lfw --limit-pairs 2 --limit-people 20   # smoke test""")
     p.add_argument("--transform", default=DEFAULT_TRANSFORM, help=f"upgrade manifest, name or path (default {DEFAULT_TRANSFORM})")
-    p.add_argument("--from-manifest", help="manifest of the old recogniser A (default: the bundled one with its model id)")
+    p.add_argument("--from-manifest", help="manifest of the old recogniser A, the primary source (default: the bundled "
+                                            "one with its model id; other sources always the bundled ones)")
     p.add_argument("--to-manifest", help="manifest of the new recogniser B (default: the one the transform names)")
     p.add_argument("--sets", default="lfw,celeba", help="lfw, celeba or both (default both)")
     p.add_argument("--data", help="LFW folder (default: $FACELINK_DATA, ../shared/data/lfw, the cache)")
@@ -197,21 +207,24 @@ def _recognizers(upgrade: Any, from_manifest: str | None, to_manifest: str | Non
     from facelink.runtime.manifest import ManifestError, bundled_manifests, load_manifest
     from facelink.runtime.recognition import create_recognizer
 
-    spec = upgrade.manifest.transforms[0]
-    if from_manifest is None:
+    sources = []
+    for position, spec in enumerate(upgrade.manifest.transforms):
+        if position == 0 and from_manifest is not None:
+            sources.append(from_manifest)
+            continue
         match = [p for p in sorted(bundled_manifests().values()) if load_manifest(p).model_id == spec.gallery_model
                  and load_manifest(p).sha256 in (None, spec.gallery_sha256)]
         if not match:
             raise ManifestError(f"no bundled manifest for {spec.gallery_model}: pass --from-manifest")
-        from_manifest = str(match[0])
+        sources.append(str(match[0]))
     if to_manifest is None:
         reference = upgrade.manifest.query_manifest or ""
         to_manifest = str(upgrade.path.parent / reference) if reference.endswith(".json") else reference
-    a, b = create_recognizer(from_manifest, backend), create_recognizer(to_manifest, backend)
-    if (a.model_id, b.model_id) != (upgrade.source_model, upgrade.target_model):
-        raise ManifestError(f"{upgrade.path} maps {upgrade.source_model} -> {upgrade.target_model}, "
-                            f"the manifests are {a.model_id} -> {b.model_id}")
-    return {a.model_id: a, b.model_id: b}
+    olds, b = [create_recognizer(m, backend) for m in sources], create_recognizer(to_manifest, backend)
+    if ([a.model_id for a in olds], b.model_id) != (list(upgrade.source_models), upgrade.target_model):
+        raise ManifestError(f"{upgrade.path} maps {' + '.join(upgrade.source_models)} -> {upgrade.target_model}, "
+                            f"the manifests are {' + '.join(a.model_id for a in olds)} -> {b.model_id}")
+    return {**{a.model_id: a for a in olds}, b.model_id: b}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         embedded, _ = embed_set(evalset, recognizers, detector, detector_config, args.no_cache)
         if evalset.name == "celeba":
             finish_celeba(evalset, next(iter(embedded.values())).detected)
-        a = embedded[upgrade.source_model].embeddings
+        olds = {m: embedded[m].embeddings for m in upgrade.source_models}
         b = embedded[upgrade.target_model].embeddings
-        rows = [evaluate_row(row, evalset) for row in build_rows(upgrade, a, b, evalset, MIXED)]
+        rows = [evaluate_row(row, evalset) for row in build_rows(upgrade, olds, b, evalset, MIXED)]
         assert evalset.open_set is not None
         results[evalset.name] = {"title": evalset.title, "protocol": evalset.protocol, "images": len(evalset.images),
                                  "pairs": len(evalset.pairs), "open_set": evalset.open_set.summary(), "rows": rows,
-                                 "summary": summary(rows), "through_gallery": through_gallery(upgrade, a, b, evalset)}
+                                 "summary": summary(rows), "through_gallery": through_gallery(upgrade, olds, b, evalset)}
     now = datetime.now(timezone.utc)
     payload = {
         "benchmark": "upgrade", "command": command, "date": reporting.utc_now(),
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": reporting.machine_info(intra_op_threads=1, load_average_start=[round(x, 2) for x in load_start],
                                           load_average_end=[round(x, 2) for x in os.getloadavg()]),
         "upgrade": {"manifest": str(upgrade.path), "source_model": upgrade.source_model,
+                    "source_models": list(upgrade.source_models),
                     "target_model": upgrade.target_model, "training": upgrade.manifest.training.get("command")},
         "target_rank1_ratio": RANK1_TARGET,
         "sets": results,

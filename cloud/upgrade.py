@@ -41,13 +41,14 @@ PAGE = 500
 
 @dataclass(frozen=True)
 class UpgradeReport:
-    source_model: str
+    source_model: str     # the primary old model; `source_models` lists every one a transform reads
     target_model: str
     transformed: int      # B templates transformed from A by this run
     native: int           # B templates computed from pictures, kept as they were
     identities: int
     seconds: float
     templates_per_s: float
+    source_models: tuple[str, ...] = ()
 
 
 class UpgradeDeriver:
@@ -65,20 +66,24 @@ class UpgradeDeriver:
 
     @property
     def gallery_models(self) -> tuple[str, ...]:
-        return (self.upgrade.source_model, self.upgrade.target_model)
+        return (*self.upgrade.source_models, self.upgrade.target_model)
 
     def derive(self, embeddings: Mapping[str, np.ndarray], sources: Sequence[str | None]) -> Templates:
-        source, target = self.gallery_models
+        # The gallery hands over pictures holding the same subset of these models together; a
+        # picture lacking some source model is transformed from the ones it holds (the ensemble
+        # renormalises their weights), as a query model's templates are derived.
+        target = self.upgrade.target_model
+        given = [m for m in self.upgrade.source_models if m in embeddings]
         n = len(sources)
         marked = np.array([s is not None and s in self.transformed_pictures for s in sources], dtype=bool)
-        # Kept as stored: a native B template; and a transformed one whose A template is gone
+        # Kept as stored: a native B template; and a transformed one whose A templates are gone
         # (nothing to re-derive it from). Everything else is (re)transformed from A.
-        keep = np.zeros(n, dtype=bool) if target not in embeddings else (~marked if source in embeddings else np.ones(n, bool))
+        keep = np.zeros(n, dtype=bool) if target not in embeddings else (~marked if given else np.ones(n, bool))
         vectors = np.empty((n, self.upgrade.manifest.dim), dtype=np.float32)
         if keep.any():
             vectors[keep] = embeddings[target][keep]
         if (~keep).any():
-            vectors[~keep] = self.upgrade.ensemble.transform({source: embeddings[source][~keep]}).vectors
+            vectors[~keep] = self.upgrade.ensemble.transform({m: embeddings[m][~keep] for m in given}).vectors
         transformed = ~keep | marked
         reason = self.upgrade.reason()
         self.counts["native"] += int((~transformed).sum())
@@ -112,4 +117,5 @@ def upgrade_gallery(gallery: Gallery, upgrade: Upgrade) -> UpgradeReport:
     seconds = time.perf_counter() - started
     done = deriver.counts["transformed"] + deriver.counts["native"]
     return UpgradeReport(upgrade.source_model, upgrade.target_model, deriver.counts["transformed"],
-                         deriver.counts["native"], identities, seconds, done / seconds if seconds > 0 else 0.0)
+                         deriver.counts["native"], identities, seconds, done / seconds if seconds > 0 else 0.0,
+                         upgrade.source_models)

@@ -31,9 +31,10 @@ def _upgrade(args: argparse.Namespace) -> int:
                 stored = {load_manifest(p).model_id for p in bundled_manifests_of_recognizers()}
                 stored = {m for m in stored if gallery.dim(m) is not None}
                 upgrade = find_upgrade(args.to, stored)
-            if gallery.dim(upgrade.source_model) is None:
-                raise ManifestError(f"the gallery holds no {upgrade.source_model} template to transform")
-            print(f"upgrade: {upgrade.source_model} -> {upgrade.target_model} through {upgrade.path.name} "
+            if all(gallery.dim(m) is None for m in upgrade.source_models):
+                raise ManifestError(f"the gallery holds no {' or '.join(upgrade.source_models)} template to transform")
+            sources = " + ".join(upgrade.source_models)
+            print(f"upgrade: {sources} -> {upgrade.target_model} through {upgrade.path.name} "
                   f"(bundled: {', '.join(sorted(bundled_upgrades())) or 'none'})")
             _print_measured(upgrade.measured, upgrade.target_model)
             if args.dry_run:
@@ -44,7 +45,7 @@ def _upgrade(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"done in {report.seconds:.2f} s ({report.templates_per_s:,.0f} templates/s): {report.identities} identities, "
-          f"{report.transformed} {upgrade.target_model} templates transformed from {upgrade.source_model}, "
+          f"{report.transformed} {upgrade.target_model} templates transformed from {sources}, "
           f"{report.native} native ones kept. No picture was read.")
     print(f"serve it with:  facelink cloud serve --gallery {args.gallery} --recognizer {args.to}\n"
           "New enrollments store native templates; re-enrolling a person (replace) drops their transformed ones. "
@@ -53,7 +54,7 @@ def _upgrade(args: argparse.Namespace) -> int:
         with AuditLog(args.audit_file or args.gallery / "audit.jsonl") as audit:
             audit.record(principal=f"local:{getpass.getuser()}", peer="cli", call="admin:upgrade", identity=None,
                          outcome="ok", counts={"transformed": report.transformed, "native": report.native},
-                         detail=f"{upgrade.source_model} -> {upgrade.target_model} by {upgrade.manifest.name}")
+                         detail=f"{sources} -> {upgrade.target_model} by {upgrade.manifest.name}")
     except AuditError as error:
         print(f"warning: the upgrade is done but could not be recorded in the audit log: {error}", file=sys.stderr)
         return 1

@@ -1,13 +1,14 @@
 """Recogniser upgrades without re-enrollment: model A's stored embeddings mapped into model B's space.
 
 A deployed gallery holds embeddings, not always pictures, so changing the recogniser used to mean
-re-enrolling everyone. An upgrade transform is the asymmetric machinery with one member: an
-ensemble manifest (`EnsembleManifest`) whose "query model" is the NEW recogniser B and whose one
-transform maps the OLD recogniser A's unit embedding into B's space (a residual linear map plus a
-two-layer MLP, trained by `facelink.export.query.transforms` from the two models' stored embeddings
-of the training faces -- never an enrolled person's picture). `GalleryEnsemble.transform` applies
-it as it is: one member, so its gallery vector is the re-normalised transformed embedding and
-there is no disagreement to measure.
+re-enrolling everyone. An upgrade transform is the asymmetric machinery: an ensemble manifest
+(`EnsembleManifest`) whose "query model" is the NEW recogniser B and whose transform maps the OLD
+recogniser A's unit embedding into B's space (a residual linear map plus a two-layer MLP, trained
+by `facelink.export.query.transforms` from the models' stored embeddings of the training faces --
+never an enrolled person's picture). A multi-source upgrade has one transform per old model the
+gallery stores (MobileFaceNet and dlib's ResNet on a default server), trained jointly, and
+`GalleryEnsemble.transform` averages their outputs with the manifest's weights; a picture that
+lacks a source is transformed from the ones it holds.
 
 What differs from a query-model ensemble, and why upgrades live in their own folder
 (`manifests/upgrades/`, never picked by `ensembles: auto`): B is served as the primary recogniser
@@ -56,7 +57,14 @@ class Upgrade:
 
     @property
     def source_model(self) -> str:
+        """The primary old model (the first transform's): the one the gallery served before."""
         return self.manifest.transforms[0].gallery_model
+
+    @property
+    def source_models(self) -> tuple[str, ...]:
+        """Every old model a transform maps (a multi-source upgrade averages their transformed
+        embeddings with the manifest's weights; a picture lacking one is derived from the others)."""
+        return self.ensemble.gallery_models
 
     @property
     def target_model(self) -> str:
@@ -70,11 +78,12 @@ class Upgrade:
 
     def reason(self) -> str:
         """The `reason` a transformed template is stored with: what made it, and from what."""
-        return f"{TRANSFORMED} from {self.source_model} by {self.manifest.name} (backfill-free upgrade, no picture read)"
+        return f"{TRANSFORMED} from {' + '.join(self.source_models)} by {self.manifest.name} (backfill-free upgrade, no picture read)"
 
 
 def load_upgrade(name_or_path: str | Path, backend: BackendConfig | None = None) -> Upgrade:
-    """An upgrade transform by bundled name or path; a ManifestError if it is not a one-model map."""
+    """An upgrade transform by bundled name or path; a ManifestError if it is not a map from one or
+    more old models (and never the new one itself) into the new one's space."""
     path = Path(name_or_path)
     if path.suffix != ".json":
         bundled = bundled_upgrades()
@@ -82,28 +91,35 @@ def load_upgrade(name_or_path: str | Path, backend: BackendConfig | None = None)
             raise ManifestError(f"no upgrade named {str(name_or_path)!r}; bundled: {', '.join(sorted(bundled)) or 'none'}")
         path = bundled[str(name_or_path)]
     manifest, path = load_ensemble_manifest(path)
-    if len(manifest.transforms) != 1 or manifest.query_member:
-        raise ManifestError(f"{path}: an upgrade maps exactly one old model into the new one's space "
+    if not manifest.transforms or manifest.query_member:
+        raise ManifestError(f"{path}: an upgrade maps one or more old models into the new one's space, and only those "
                             f"(got {len(manifest.transforms)} transform(s), query_member={manifest.query_member})")
-    if manifest.transforms[0].gallery_model == manifest.query_model:
+    if any(t.gallery_model == manifest.query_model for t in manifest.transforms):
         raise ManifestError(f"{path}: maps {manifest.query_model} onto itself")
     return Upgrade(manifest, path, GalleryEnsemble(manifest, path.parent, backend or BackendConfig()))
 
 
 def find_upgrade(to: str | Path, stored: Collection[str], backend: BackendConfig | None = None) -> Upgrade:
-    """The bundled upgrade into recogniser `to` (manifest name or path) from one of the `stored`
-    model ids; the new model's weights must be the ones the transform was trained for."""
+    """The bundled upgrade into recogniser `to` (manifest name or path) from the `stored` model ids;
+    the new model's weights must be the ones the transform was trained for.
+
+    Its primary (first) source must be stored. Among those, the one that reads the most stored
+    models wins (a multi-source upgrade measured better than its primary source alone), then the
+    one with the fewest sources: a gallery holding only MobileFaceNet gets the transform trained
+    for MobileFaceNet alone, not a multi-source one running on a single member.
+    """
     target = load_manifest(to)
     candidates = []
     for path in sorted(bundled_upgrades().values()):
         manifest, _ = load_ensemble_manifest(path)
-        if manifest.query_model == target.model_id and manifest.transforms[0].gallery_model in stored:
-            candidates.append(path)
+        sources = [t.gallery_model for t in manifest.transforms]
+        if manifest.query_model == target.model_id and sources[0] in stored:
+            candidates.append((-len(set(sources) & set(stored)), len(sources), str(path)))
     if not candidates:
         known = ", ".join(sorted(bundled_upgrades())) or "none"
         raise ManifestError(f"no bundled upgrade into {target.model_id} from a model this gallery stores "
                             f"({', '.join(sorted(stored)) or 'none'}); bundled upgrades: {known}")
-    upgrade = load_upgrade(candidates[0], backend)
+    upgrade = load_upgrade(min(candidates)[2], backend)
     if upgrade.manifest.query_sha256 and target.sha256 and upgrade.manifest.query_sha256 != target.sha256:
         raise ManifestError(f"{upgrade.path} was trained for {target.model_id} weights {upgrade.manifest.query_sha256[:12]}, "
                             f"but {to} has {target.sha256[:12]}: it would map into the wrong place")

@@ -51,12 +51,48 @@ def test_load_upgrade_reads_a_one_model_map(upgrade_path: Path) -> None:
     np.testing.assert_allclose(upgrade.ensemble.transform({OLD: old}).vectors, expected, atol=1e-5)
 
 
-def test_load_upgrade_refuses_an_ensemble_and_unknown_names(tmp_path: Path) -> None:
-    ensemble = ensemble_in(tmp_path, {"a@1": np.eye(DIM), "b@1": np.eye(DIM)})
-    with pytest.raises(ManifestError, match="exactly one old model"):
-        load_upgrade(ensemble)
+def test_load_upgrade_refuses_a_query_member_a_self_map_and_unknown_names(tmp_path: Path) -> None:
+    (tmp_path / "member").mkdir()
+    (tmp_path / "self").mkdir()
+    with pytest.raises(ManifestError, match="only those"):
+        load_upgrade(ensemble_in(tmp_path / "member", {"a@1": np.eye(DIM)}, query_member=True))
+    with pytest.raises(ManifestError, match="onto itself"):
+        load_upgrade(ensemble_in(tmp_path / "self", {"a@1": np.eye(DIM), "q@1": np.eye(DIM)}))
     with pytest.raises(ManifestError, match="no upgrade named"):
         load_upgrade("no-such-upgrade")
+
+
+OTHER = "otherrec@1"
+
+
+def test_a_multi_source_upgrade_averages_every_stored_source_and_derives_a_picture_from_what_it_holds(
+        tmp_path: Path) -> None:
+    """Two old models (say MobileFaceNet and dlib) mapped into B's space, weighted 0.75/0.25: a picture
+    holding both gets the weighted mean, one holding only one source gets that source's map."""
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    ra, rb = rotation_matrix(0), rotation_matrix(1)
+    path = ensemble_in(folder, {OLD: ra, OTHER: rb}, name="multi", query_model=NEW,
+                       member_weights={OLD: 0.75, OTHER: 0.25})
+    upgrade = load_upgrade(path)
+    assert upgrade.source_model == OLD and upgrade.source_models == (OLD, OTHER)
+    assert OLD in upgrade.reason() and OTHER in upgrade.reason()
+    old, other = vectors(3, 8), vectors(3, 9)
+    with Gallery(tmp_path / "g") as gallery:
+        gallery.enroll_pictures("Ada", {OLD: old[:1], OTHER: other[:1]})
+        gallery.enroll_pictures("Bob", {OLD: old[1:2]})          # enrolled before the second source existed
+        gallery.enroll_pictures("Cy", {OTHER: other[2:3]})
+        gallery.enroll_pictures("Dee", {OLD: old[2:3], NEW: vectors(1, 10)})  # native B: kept
+        report = upgrade_gallery(gallery, upgrade)
+        assert (report.transformed, report.native) == (3, 1) and report.source_models == (OLD, OTHER)
+        both = unit(0.75 * unit(old[:1] @ ra) + 0.25 * unit(other[:1] @ rb))
+        found = gallery.search(NEW, np.vstack([both, unit(old[1:2] @ ra), unit(other[2:3] @ rb)]), k=1)
+        assert [m[0].identity for m in found] == ["Ada", "Bob", "Cy"]
+        assert all(m[0].score == pytest.approx(1.0, abs=1e-5) for m in found)
+        assert [t.reason for t in b_templates(gallery, "Dee")] == [None]
+        # Again: every transformed template is re-derived (from both sources where both are stored).
+        again = upgrade_gallery(gallery, upgrade)
+        assert (again.transformed, again.native) == (3, 1)
 
 
 def test_upgrade_transforms_stored_templates_and_keeps_native_ones(upgrade_path: Path, tmp_path: Path) -> None:
@@ -88,6 +124,21 @@ def test_upgrade_transforms_stored_templates_and_keeps_native_ones(upgrade_path:
         # An erasure still takes every template, transformed ones included.
         gallery.remove("Bob")
         assert "Bob" not in gallery
+
+
+def test_find_upgrade_prefers_the_upgrade_reading_the_most_stored_sources(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folders = {name: tmp_path / name for name in ("single", "multi")}
+    for folder in folders.values():
+        folder.mkdir()
+    single = ensemble_in(folders["single"], {OLD: rotation_matrix()}, name="single", query_model=NEW)
+    multi = ensemble_in(folders["multi"], {OLD: rotation_matrix(), OTHER: rotation_matrix(1)}, name="multi", query_model=NEW)
+    monkeypatch.setattr("facelink.runtime.upgrade.bundled_upgrades", lambda: {"multi": multi, "single": single})
+    to = new_model_manifest(tmp_path)
+    assert find_upgrade(to, {OLD, OTHER}).source_models == (OLD, OTHER)
+    assert find_upgrade(to, {OLD}).source_models == (OLD,)  # not the multi-source one on one member
+    with pytest.raises(ManifestError, match="no bundled upgrade into"):
+        find_upgrade(to, {OTHER})  # the primary source must be stored
 
 
 def test_find_upgrade_names_what_is_missing(tmp_path: Path) -> None:
@@ -154,6 +205,20 @@ def test_the_bundled_upgrade_maps_mobilefacenet_into_edgeface_and_says_what_it_c
     assert {"rank1_native", "rank1_transformed", "rank1_ratio", "dir_native", "dir_transformed"} <= set(measured)
     out = upgrade.ensemble.transform({spec.gallery_model: vectors(2, 7)[:, :1].repeat(128, axis=1)}).vectors
     assert out.shape == (2, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.skipif("mobilefacenet-dlib-to-edgeface-xs" not in bundled_upgrades(), reason="no bundled multi-source upgrade")
+def test_the_bundled_multi_source_upgrade_reads_mobilefacenet_and_dlib_and_is_chosen_where_both_are_stored() -> None:
+    mobilefacenet, dlib = load_manifest("mobilefacenet").model_id, load_manifest("dlib-resnet-onnx").model_id
+    upgrade = load_upgrade("mobilefacenet-dlib-to-edgeface-xs")
+    assert upgrade.source_models == (mobilefacenet, dlib) and upgrade.manifest.member_weights
+    assert find_upgrade("edgeface-xs", {mobilefacenet, dlib}).path == upgrade.path
+    assert find_upgrade("edgeface-xs", {mobilefacenet}).source_models == (mobilefacenet,)
+    assert {"rank1_native", "rank1_transformed", "rank1_ratio"} <= set(upgrade.measured)
+    both = {mobilefacenet: vectors(2, 11)[:, :1].repeat(128, axis=1), dlib: vectors(2, 12)[:, :1].repeat(128, axis=1)}
+    for given in (both, {dlib: both[dlib]}):  # a picture lacking MobileFaceNet is derived from dlib alone
+        out = upgrade.ensemble.transform(given).vectors
+        assert out.shape == (2, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.shared

@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=DEFAULT_ROOT, help=f"embedding store (default {DEFAULT_ROOT})")
     parser.add_argument("--epochs", type=int, default=TransformConfig.epochs)
     parser.add_argument("--hidden", type=int, default=TransformConfig.hidden, help="width of the MLP's hidden layer")
+    parser.add_argument("--kl-weight", type=float, default=TransformConfig.kl_weight, help="weight of the KL term")
+    parser.add_argument("--class-weight", type=float, default=TransformConfig.class_weight,
+                        help="weight of the shared CosFace classifier's terms")
     parser.add_argument("--val-identities", type=int, default=32, help="held-out celeba-dev identities (the query model's split)")
     parser.add_argument("--query-member", action="store_true",
                         help="the query model's own embedding of a gallery picture joins the mean and the uncertainty")
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     data = store.paired(args.query, args.gallery)
     gallery_manifests = {load_manifest(g).model_id: g for g in args.gallery}
     train_rows, val_rows = split_by_identity(cache, args.val_identities, seed=0)
-    config = TransformConfig(epochs=args.epochs, hidden=args.hidden)
+    config = TransformConfig(epochs=args.epochs, hidden=args.hidden, kl_weight=args.kl_weight, class_weight=args.class_weight)
     embedded = time.perf_counter()
     missing = [g for g in args.identity if g not in args.gallery]
     if missing:
