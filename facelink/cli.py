@@ -160,6 +160,7 @@ def _export_model(args: argparse.Namespace) -> int:
     out = args.out or (cache_dir() / "exports")
     options = ExportOptions(precision=precision, batch=batch, input_size=args.input_size, calib=args.calib or "lfw",
                             calib_count=args.calib_count, parity_count=args.parity_count, max_batch=args.max_batch,
+                            min_parity_cosine=args.min_parity_cosine,
                             command=shlex.join(["facelink", "export", *sys.argv[2:]]))
     try:
         source = resolve_source(args.model)
@@ -237,6 +238,8 @@ examples:
                         "or a .npz of input tensors keyed by input name")
     p.add_argument("--calib-count", type=int, default=256, metavar="N", help="calibration faces/pictures (default 256)")
     p.add_argument("--parity-count", type=int, default=64, metavar="N", help="inputs for the parity check (default 64)")
+    p.add_argument("--min-parity-cosine", type=float, default=0.95, metavar="C",
+                   help="refuse a recogniser export whose mean cosine to the fp32 source is below C (default 0.95; 0: keep any)")
     p.add_argument("--batch", type=_export_batch, metavar="N|dynamic",
                    help="static batch N or a dynamic batch (default: keep the source's; triton: dynamic)")
     p.add_argument("--input-size", type=_export_size, metavar="WxH",

@@ -182,6 +182,23 @@ def test_edgeface_fp16_export_is_valid_and_keeps_cosine_above_0999(
 
 
 @needs_edgeface
+def test_an_export_that_loses_the_embeddings_is_refused_and_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from facelink.export.deploy.pipeline import ExportOptions, ExportParityError, export_onnx
+    from facelink.export.deploy.source import resolve_source
+
+    monkeypatch.setenv("FACELINK_CACHE", str(tmp_path / "cache"))
+    # onnxruntime's static QDQ int8 of EdgeFace computes something else (cosine ~0.15 to fp32,
+    # LFW 78%: benchmarks/results/quantization_edgeface_int8.json); shipping it silently was the bug.
+    with pytest.raises(ExportParityError, match="does not keep its embeddings"):
+        export_onnx(resolve_source("edgeface-xs"), ExportOptions(precision="int8", calib_count=8, parity_count=4), tmp_path)
+    assert not list(tmp_path.glob("*.json")) or all(p.name.endswith(".export.json") for p in tmp_path.glob("*.json"))
+    record = json.loads(next(tmp_path.glob("*.export.json")).read_text())
+    assert "refused" in record
+
+
+@needs_edgeface
 def test_edgeface_triton_repository_has_a_512d_output_and_dynamic_batching(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
