@@ -70,8 +70,30 @@ def test_stores_normalised_copies(gallery, rng):
 
 def gallery_vectors(g: Gallery) -> np.ndarray:
     with sqlite3.connect(g.directory / "gallery.sqlite3") as conn:
-        blobs = [b for (b,) in conn.execute("SELECT vector FROM templates ORDER BY id")]
-    return np.stack([np.frombuffer(b, dtype="<f4") for b in blobs])
+        rows = conn.execute("SELECT dim, vector FROM templates ORDER BY id").fetchall()
+    return np.stack([np.frombuffer(b, dtype="<f2" if len(b) == 2 * d else "<f4").astype(np.float32) for d, b in rows])
+
+
+def test_templates_are_stored_as_float16_and_float32_galleries_stay_readable(tmp_path, rng):
+    from facelink.cloud.gallery import GallerySettings
+
+    v = unit(rng, 3)
+    with Gallery(tmp_path / "g") as old:  # a gallery written in float32 (the library's default)
+        old.enroll("alice", MODEL, v[:1])
+    # What a server opens (GalleryBackendConfig.vector_storage): float16 beside the float32 rows.
+    with Gallery(tmp_path / "g", settings=GallerySettings(vector_storage="float16")) as g:
+        g.enroll("bob", MODEL, v[1:2])
+        with sqlite3.connect(g.directory / "gallery.sqlite3") as conn:
+            sizes = [len(b) for (b,) in conn.execute("SELECT vector FROM templates ORDER BY id")]
+        assert sizes == [4 * DIM, 2 * DIM]
+        ((a,),), ((b,),) = g.search(MODEL, v[:1], k=1), g.search(MODEL, v[1:2], k=1)
+        assert (a.identity, b.identity) == ("alice", "bob")
+        assert a.score == pytest.approx(1.0, abs=1e-6) and b.score == pytest.approx(1.0, abs=1e-3)
+        before = g.search(MODEL, v[2:], k=2)[0]
+    with Gallery(tmp_path / "g", settings=GallerySettings(vector_storage="float16")) as reopened:
+        # the index held exactly what the store gives back
+        after = reopened.search(MODEL, v[2:], k=2)[0]
+    assert [(m.identity, round(m.score, 6)) for m in after] == [(m.identity, round(m.score, 6)) for m in before]
 
 
 def test_search_returns_k_distinct_identities_best_first(gallery, rng):

@@ -169,9 +169,13 @@ def found(secrets: dict[str, list[bytes]], data: bytes) -> dict[str, int]:
     return {kind: sum(s in data for s in items) for kind, items in secrets.items() if any(s in data for s in items)}
 
 
-def test_erasure_leaves_nothing_of_the_person_in_any_file(tmp_path, rng):
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_erasure_leaves_nothing_of_the_person_in_any_file(tmp_path, rng, storage):
+    from facelink.cloud.gallery import GallerySettings
+
     folder = tmp_path / "g"
-    with Gallery(folder) as g:
+    settings = GallerySettings(vector_storage=storage)  # float16: what a server writes
+    with Gallery(folder, settings=settings) as g:
         names = enroll_people(g, rng, 40)
         others = [n for n in names if n != VICTIM]
         secrets = secrets_of(folder, VICTIM)
@@ -191,7 +195,7 @@ def test_erasure_leaves_nothing_of_the_person_in_any_file(tmp_path, rng):
             assert found(theirs, data) == {k: len(v) for k, v in theirs.items()}, name
     data = raw_bytes(folder)
     assert found(secrets, data) == {} and BADGE.encode() not in data
-    with Gallery(folder) as g:
+    with Gallery(folder, settings=settings) as g:
         assert VICTIM not in g and len(g) == 39
         records, _ = g.list(limit=100)
         assert [r.identity for r in records] == sorted(others)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -131,6 +131,9 @@ class GallerySettings:
     #: The embedded gallery's index choice (exact below a size, HNSW above; cloud/gallery/ann.py);
     #: None takes GalleryIndexConfig's defaults. Qdrant indexes by its own collection settings.
     index: GalleryIndexConfig | None = None
+    #: The embedded gallery's template precision on disk (store.VectorStorage); Qdrant: float32.
+    #: float32 here, exact for library use; a server takes GalleryBackendConfig's (float16).
+    vector_storage: Literal["float16", "float32"] = "float32"
 
 
 @dataclass(frozen=True)

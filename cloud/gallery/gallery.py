@@ -73,7 +73,10 @@ class Gallery(ContextClosing):
         self.settings = settings or GallerySettings()
         _make_private_dir(self.directory)
         self._lock = threading.RLock()
-        self._store = GalleryStore(self.directory / DB_NAME, limits, feed_retention_s=self.settings.feed_retention_s)
+        self._store = GalleryStore(
+            self.directory / DB_NAME, limits, feed_retention_s=self.settings.feed_retention_s,
+            vector_storage=self.settings.vector_storage,
+        )
         self._indexes: dict[str, EmbeddingIndex] = {}
         self._index_config: GalleryIndexConfig = self.settings.index or GalleryIndexConfig()
         self._snapshots = Snapshots(self.directory, self._index_config)
@@ -178,6 +181,8 @@ class Gallery(ContextClosing):
         meta = check_metadata(metadata, self.limits)
         with self._lock:
             self._check_open()
+            # The index gets what the store keeps (float16-rounded), as a restart would load.
+            batches = [b.as_stored(self._store.vector_storage) for b in batches]
             result = self._store.add_templates(name, batches, replace=replace, metadata=meta)
             stored = result.identity  # the index labels matches with the name as stored
             for model_id, ids in result.removed.items():

@@ -55,6 +55,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,6 +77,11 @@ __all__ = [  # the errors are re-exported: callers imported them from here befor
 
 #: Mode of the database file and its -wal and -shm files: the server's user only.
 FILE_MODE = 0o600
+#: How template vectors are written. float16 halves the file (a 512-d EdgeFace template: 1 kB)
+#: and moved no LFW figure (benchmarks/results/recognisers.json, `storage` rows); float32 stays
+#: readable, so a gallery written before may hold both.
+VectorStorage = Literal["float16", "float32"]
+STORAGE_DTYPES: dict[str, str] = {"float16": "<f2", "float32": "<f4"}
 #: How long a write waits for another process's lock on the file.
 BUSY_TIMEOUT_MS = 10_000
 #: How long the post-erasure checkpoint waits for other readers; short, as it holds the gallery
@@ -104,7 +110,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             identity_id INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
             model_id TEXT NOT NULL,
             dim INTEGER NOT NULL,
-            vector BLOB NOT NULL,  -- dim float32 values, little-endian, L2-normalised
+            vector BLOB NOT NULL,  -- dim float16 or float32 values (told by its length), little-endian, L2-normalised
             source TEXT,           -- where the template came from (file name, request id), optional
             created_us INTEGER NOT NULL
         )""",
@@ -199,6 +205,13 @@ class Templates:
         """(n,) bool: the rows a search may return (dropped ones are kept on record only)."""
         return np.array([s != "dropped" for s in self.status], dtype=bool)
 
+    def as_stored(self, dtype: VectorStorage) -> Templates:
+        """These templates with the values the store will give back (float16 rounding), so the
+        in-memory index holds exactly what a restart or another replica would load."""
+        if dtype == "float32":
+            return self
+        return dataclasses.replace(self, vectors=self.vectors.astype(STORAGE_DTYPES[dtype]).astype(np.float32))
+
 
 @dataclass(frozen=True)
 class Change:
@@ -238,10 +251,13 @@ class GalleryStore:
     """Identities and templates in `path` (an SQLite file, created if missing, mode 0600)."""
 
     def __init__(
-        self, path: str | Path, limits: GalleryLimits | None = None, *, feed_retention_s: float = 3600.0
+        self, path: str | Path, limits: GalleryLimits | None = None, *, feed_retention_s: float = 3600.0,
+        vector_storage: VectorStorage = "float32",
     ) -> None:
         self.path = Path(path)
         self.limits = limits or GalleryLimits()
+        # New templates are written in this precision; both are read, so a gallery may hold both.
+        self.vector_storage: VectorStorage = vector_storage
         # Names this connection's change-feed entries, so that its own Gallery skips them.
         self.writer = uuid.uuid4().hex
         self.feed_retention_s = feed_retention_s
@@ -380,7 +396,9 @@ class GalleryStore:
             self._check_pictures(conn, identity_id, stored_name, batches)
             for batch in batches:
                 self._check_dim(batch)
-            added = {b.model_id: _insert(conn, [identity_id] * len(b.vectors), b, created) for b in batches}
+            added = {
+                b.model_id: _insert(conn, [identity_id] * len(b.vectors), b, created, self.vector_storage) for b in batches
+            }
             self._log(conn, "remove", removed)
             self._log(conn, "add", added)
             totals = conn.execute(
@@ -500,7 +518,7 @@ class GalleryStore:
             created = now_us()
             for models, keys in groups.items():
                 batch = derive({m: np.stack([pictures[k][m] for k in keys]) for m in models}, [sources[k] for k in keys])
-                _insert(conn, [identity_id for identity_id, _ in keys], batch, created)
+                _insert(conn, [identity_id for identity_id, _ in keys], batch, created, self.vector_storage)
                 for status in batch.status:
                     counts[status] += 1
         return counts
@@ -744,31 +762,36 @@ def make_private(database: Path) -> None:
             raise GalleryError(f"cannot make gallery file {path} private (chmod 600): {exc}") from exc
 
 
-def _insert(conn: sqlite3.Connection, identity_ids: Sequence[int], batch: Templates, created: int) -> list[int]:
+def _insert(
+    conn: sqlite3.Connection, identity_ids: Sequence[int], batch: Templates, created: int, storage: VectorStorage
+) -> list[int]:
     """Insert `batch`'s rows (row i belonging to identity_ids[i]); returns their template ids."""
     dim = batch.vectors.shape[1]
+    dtype = STORAGE_DTYPES[storage]
     ids = []
     rows = zip(identity_ids, batch.vectors, batch.sources, batch.status, batch.uncertainty, batch.reasons)
     for identity_id, vector, source, status, uncertainty, reason in rows:
         cur = conn.execute(
             "INSERT INTO templates (identity_id, model_id, dim, vector, source, created_us, status, uncertainty, reason)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (identity_id, batch.model_id, dim, vector.astype("<f4").tobytes(), source, created, status, uncertainty, reason),
+            (identity_id, batch.model_id, dim, vector.astype(dtype).tobytes(), source, created, status, uncertainty, reason),
         )
         ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
     return ids
 
 
 def _vector(tid: int, name: str, model: str, dim: int | None, blob: object) -> np.ndarray | None:
-    """A stored vector blob as float32, or None (with a warning) if it is damaged."""
+    """A stored vector blob (float16 or float32, told by its length) as float32, or None (with a
+    warning) if it is damaged."""
     size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
-    if dim is None or dim <= 0 or size != 4 * dim:
+    dtype = {2 * dim: "<f2", 4 * dim: "<f4"}.get(size) if dim is not None and dim > 0 else None
+    if dtype is None:
         log.warning(
             "gallery: skipping template %d of %r (model %r): vector blob is %d bytes, expected %s",
-            tid, name, model, size, 4 * dim if dim and dim > 0 else "a positive dim",
+            tid, name, model, size, f"{2 * dim} or {4 * dim}" if dim and dim > 0 else "a positive dim",
         )
         return None
-    vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)  # type: ignore[arg-type]
+    vector = np.frombuffer(blob, dtype=dtype).astype(np.float32)  # type: ignore[arg-type]
     if not np.isfinite(vector).all():
         log.warning("gallery: skipping template %d of %r (model %r): non-finite values", tid, name, model)
         return None
