@@ -92,7 +92,8 @@ def add_upgrade_parser(cmds: argparse._SubParsersAction) -> None:
 Give every enrolled picture a template of recogniser --to, transformed from the embedding the
 gallery stores for the old recogniser (a learned map, runtime/manifests/upgrades/): nobody is
 re-enrolled and no picture is read. Where the gallery also stores dlib ResNet embeddings (a
-default server does), the multi-source upgrade maps both and averages them: more accurate. Templates enrolled natively with --to are kept; transformed
+default server does), the multi-source upgrade maps both and averages them: more accurate.
+Templates enrolled natively with --to are kept; transformed
 ones are marked ("transformed from ...") in their reason. Run it with the server stopped, then
 start the server with --recognizer set to the new model. It prints what the transform measurably
 costs in accuracy (transformed vs native templates, LFW 1:N), as its manifest records it.
