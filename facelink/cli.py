@@ -322,7 +322,7 @@ benchmarks:
                  restart and check every acknowledged call (lost, half-applied, audit)
   gallery-backends  the embedded gallery and Qdrant (local mode) at 1e5 identities:
                  enrollments/s, search p50/p99, erasure, reopen
-  gallery        the embedded gallery at 1e4-1e6 identities, exact vs HNSW, per model:
+  gallery        the embedded gallery at 1e4-1e6 identities, exact vs HNSW vs IVF, per model:
                  start-up, RAM, search p50/p99, recall@1, enroll/erase; LFW open set vs size
 
 examples:

@@ -31,7 +31,7 @@ from facelink.config import GalleryIndexConfig
 
 DIM = 32
 MODEL = "m@1"
-SMALL = GalleryIndexConfig(hnsw_min_templates=100, hnsw_ef_search=64, rebuild_tombstone_fraction=0.5)
+SMALL = GalleryIndexConfig(hnsw_min_templates=100, hnsw_ef_search=64, rebuild_tombstone_fraction=0.5, large_kind="hnsw")
 SMALL_IVF = SMALL.model_copy(update={"large_kind": "ivf", "ivf_nprobe": 4})
 KINDS = pytest.mark.parametrize("cfg", [SMALL, SMALL_IVF], ids=["hnsw", "ivf"])
 

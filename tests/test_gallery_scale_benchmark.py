@@ -43,13 +43,15 @@ def test_open_set_point_equals_the_full_score_matrix_metrics():
 @needs_shared
 def test_quick_run_writes_results(tmp_path):
     out = tmp_path / "gallery_scale.json"
-    assert bench.main(["--quick", "--no-lock", "--models", "mobilefacenet", "--ef-sweep", "64",
-                       "--galleries", str(tmp_path / "g"), "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--no-lock", "--models", "mobilefacenet", "--ef-sweep", "64", "--kinds", "flat", "hnsw",
+                       "ivf", "--nprobe-sweep", "2", "--galleries", str(tmp_path / "g"), "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     (model,) = payload["models"]
-    assert {r["kind"] for r in model["rows"]} == {"flat", "hnsw"}
+    assert {r["kind"] for r in model["rows"]} == {"flat", "hnsw", "ivf"}
     for row in model["rows"]:
         assert row["recall_at_1"] > 0.9 and row["startup_s"] > 0 and row["rss_mb"] > 0
-    assert "hnsw" in model["open_set"][0] and 0 <= model["open_set"][0]["exact"]["dir_at_far"] <= 1
+    ivf = next(r for r in model["rows"] if r["kind"] == "ivf")
+    assert ivf["index_kind"] == "ivf" and ivf["nlist"] >= 1 and set(ivf["nprobe_sweep"]) == {"2"}
+    assert "hnsw" in model["open_set"][0] and "ivf" in model["open_set"][0] and 0 <= model["open_set"][0]["exact"]["dir_at_far"] <= 1
     assert abs(model["fit"]["synthetic_impostor"]["std"] - model["fit"]["real_impostor"]["std"]) < 0.02
     assert out.with_suffix(".png").is_file()
