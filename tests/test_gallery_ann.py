@@ -122,6 +122,7 @@ def test_hnsw_rebuilds_once_tombstones_pass_the_fraction(rng):
 def test_ivf_is_the_large_kind_when_configured_and_finds_what_exact_search_finds(rng):
     index = EmbeddingIndex(DIM, SMALL_IVF, size_hint=600)
     assert index.kind == "ivf"
+    assert EmbeddingIndex(DIM, GalleryIndexConfig(hnsw_min_templates=100), size_hint=600).kind == "ivf"  # the default
     data = unit(rng, 600)
     index.add(range(600), data, [f"p{i}" for i in range(600)])
     assert index.vectors.index.nlist == 600 // 39 and index.vectors.trained_at == 600
