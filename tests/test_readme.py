@@ -145,6 +145,30 @@ def _upgrade() -> Table:
     }))
 
 
+def _gallery_scale() -> Table:
+    rows = "models[model=mobilefacenet@ms1m-1].rows[identities=1001680,kind={}]"
+    ivf, hnsw, flat = rows.format("ivf"), rows.format("hnsw"), rows.format("flat")
+    default = RESULTS + "gallery_scale_1e6_ivf_default.json:" + ivf
+    compared = RESULTS + "gallery_scale_1e6_ivf.json:"
+
+    def row(r: str, sweep: str | None = None) -> dict[str, Cell]:
+        at = f"{r}.{sweep}" if sweep else r
+        cells = {
+            "search p50 / p99": _c("{:.2f} / {:.2f} ms", at + ".search_p50_ms", at + ".search_p99_ms"),
+            "top match as exact search's": _c("{:.3f}", at + ".recall_at_1"),
+        }
+        if sweep is None:
+            cells["start-up"] = _c("{:.1f} s", r + ".startup_s")
+            cells["RSS"] = _c("{:,.0f} MB", r + ".rss_mb")
+        return cells
+    return Table(RESULTS + "gallery_scale.json", _cells({
+        "IVF, `ivf_nprobe` 512 (the default past 50,000 templates)": row(default),
+        "IVF, `ivf_nprobe` 2048": row(compared + ivf, "nprobe_sweep.2048"),
+        "HNSW, efSearch 256 (`large_kind: hnsw`)": row(compared + hnsw),
+        "exact search (what the index approximates)": row(flat),
+    }))
+
+
 def _codec() -> Table:
     ratio = ".identity_ratio_to_x265_crf23"
 
@@ -222,7 +246,7 @@ def _load() -> Table:
 
 
 HEADLINES: dict[str, Table] = {
-    "demo": _demo(), "payload-modes": _payload_modes(), "recognisers": _recognisers(), "upgrade": _upgrade(),
+    "demo": _demo(), "payload-modes": _payload_modes(), "recognisers": _recognisers(), "upgrade": _upgrade(), "gallery-scale": _gallery_scale(),
     "codec": _codec(),
     "asymmetric": _asymmetric(), "latency": _latency(), "load": _load(),
 }
