@@ -70,6 +70,8 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from facelink.cloud.gallery.store import decode_vector
+
 from . import reporting
 
 CallKind = Literal["add", "replace", "remove"]
@@ -402,7 +404,11 @@ def _read_identity(snapshot: Snapshot, name: str, metadata: dict[str, str],
     torn = [s for s, c in models_of_picture.items() if s is None or set(c) != models or max(c.values()) > 1]
     if torn:
         defects.append(f"{len(torn)} picture keys without exactly one template per model")
-    primary = [np.frombuffer(v, "<f4") for m, _, v in rows if m == pool.primary_model]
+    dim = pool.references.shape[1]  # the server writes float16 or float32: told by the blob's length
+    decoded = [decode_vector(v, dim) for m, _, v in rows if m == pool.primary_model]
+    if any(v is None for v in decoded):
+        defects.append(f"a {pool.primary_model} vector blob fits neither float16 nor float32 of {dim} values")
+    primary = [v for v in decoded if v is not None]
     pictures = _recognise_pictures(primary, pool, defects)
     if set(metadata) != {"op"}:
         defects.append(f"metadata is {sorted(metadata)}, expected exactly 'op'")

@@ -22,6 +22,7 @@ from facelink.cloud.gallery import (
     Match,
     UnknownIdentityError,
 )
+from facelink.cloud.gallery.store import decode_vector
 
 DIM = 128
 MODEL = "test-model"
@@ -71,7 +72,7 @@ def test_stores_normalised_copies(gallery, rng):
 def gallery_vectors(g: Gallery) -> np.ndarray:
     with sqlite3.connect(g.directory / "gallery.sqlite3") as conn:
         rows = conn.execute("SELECT dim, vector FROM templates ORDER BY id").fetchall()
-    return np.stack([np.frombuffer(b, dtype="<f2" if len(b) == 2 * d else "<f4").astype(np.float32) for d, b in rows])
+    return np.stack([decode_vector(b, d) for d, b in rows])
 
 
 def test_templates_are_stored_as_float16_and_float32_galleries_stay_readable(tmp_path, rng):

@@ -780,18 +780,25 @@ def _insert(
     return ids
 
 
+def decode_vector(blob: object, dim: int | None) -> np.ndarray | None:
+    """A stored `vector` blob of `dim` values (float16 or float32, told by its length) as float32;
+    None if its length fits neither."""
+    size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
+    dtype = {2 * dim: "<f2", 4 * dim: "<f4"}.get(size) if dim is not None and dim > 0 else None
+    return None if dtype is None else np.frombuffer(blob, dtype=dtype).astype(np.float32)  # type: ignore[arg-type]
+
+
 def _vector(tid: int, name: str, model: str, dim: int | None, blob: object) -> np.ndarray | None:
     """A stored vector blob (float16 or float32, told by its length) as float32, or None (with a
     warning) if it is damaged."""
-    size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
-    dtype = {2 * dim: "<f2", 4 * dim: "<f4"}.get(size) if dim is not None and dim > 0 else None
-    if dtype is None:
+    vector = decode_vector(blob, dim)
+    if vector is None:
+        size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else -1
         log.warning(
             "gallery: skipping template %d of %r (model %r): vector blob is %d bytes, expected %s",
             tid, name, model, size, f"{2 * dim} or {4 * dim}" if dim and dim > 0 else "a positive dim",
         )
         return None
-    vector = np.frombuffer(blob, dtype=dtype).astype(np.float32)  # type: ignore[arg-type]
     if not np.isfinite(vector).all():
         log.warning("gallery: skipping template %d of %r (model %r): non-finite values", tid, name, model)
         return None
