@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .cli_common import FORMATTER as _FORMATTER
 from .cli_common import add_common as _add_common
+from .cli_common import read_structured_file
 from .cli_upgrade import add_upgrade_parser
 
 _SCOPES_HELP = "recognize (devices), embeddings, scores, enroll, remove, read, unknowns, admin"
@@ -59,12 +61,43 @@ def _serve(args: argparse.Namespace) -> int:
         unknowns=UnknownsConfig(enabled=not args.no_unknowns, retention_days=args.unknowns_retention_days),
         **models,
     )
+    if args.config is not None:
+        try:
+            config = with_config_file(config, args.config)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         serve(config)
     except (InsecureConfigError, GalleryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def with_config_file(flags: Any, path: Path) -> Any:
+    """The CloudConfig of a YAML/JSON file (any subset of CloudConfig's fields, nested as in
+    facelink/config.py), with every flag that differs from its default on top: one file per
+    deployment, the command line for what changes between runs. ValueError names the problem."""
+    from pydantic import ValidationError
+
+    from facelink.config import CloudConfig
+
+    data = read_structured_file(path, "cloud config")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of CloudConfig fields, got {type(data).__name__}")
+    merged = _deep_merge(data, flags.model_dump(mode="json", exclude_defaults=True))
+    try:
+        return CloudConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _add_serve(cmds: argparse._SubParsersAction) -> None:
@@ -104,6 +137,9 @@ examples:
   facelink cloud serve --ensemble none                                   # no query models
   facelink cloud serve --gallery qdrants://qdrant.internal:6334/site-a --state-dir /var/lib/facelink""",
     )
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="a YAML/JSON file of CloudConfig fields (e.g. gallery_backend.index, limits); "
+                            "flags that differ from their defaults override it")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all; default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     serve.add_argument("--gallery", default="gallery",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .cli_common import FORMATTER as _FORMATTER
-from .cli_common import add_common
+from .cli_common import add_common, read_structured_file
 
 
 def _seconds(text: str) -> float:  # argparse names the type in its message: "invalid _seconds value"
@@ -31,22 +30,7 @@ def load_cameras_file(path: Path) -> Any:
     """The cameras of a --config file (YAML or JSON) as a CamerasFile; ValueError says what is wrong."""
     from facelink.config import CamerasFile
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ValueError(f"cannot read the camera config {path}: {error.strerror}") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: {error}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    data = read_structured_file(path, "camera config")
     if isinstance(data, list):  # a bare list of cameras is fine too
         data = {"cameras": data}
     try:

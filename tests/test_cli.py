@@ -64,3 +64,28 @@ def test_the_separator_before_a_module_s_options_is_dropped_whatever_argparse_di
 
     assert _passthrough(["--", "--protocols", "edge"]) == ["--protocols", "edge"]
     assert _passthrough(["--protocols", "edge"]) == ["--protocols", "edge"]
+
+
+def test_cloud_serve_config_file_under_the_flags(tmp_path):
+    """`facelink cloud serve --config FILE`: the file sets any CloudConfig field (nested), and a
+    flag that differs from its default wins; a bad file is a ValueError naming it."""
+    from facelink.cli_cloud import with_config_file
+    from facelink.config import CloudConfig
+
+    path = tmp_path / "cloud.yaml"
+    path.write_text(
+        "port: 6000\n"
+        "limits: {max_streams: 7}\n"
+        "gallery_backend:\n  vector_storage: float32\n  index: {large_kind: hnsw, hnsw_ef_search: 512}\n"
+    )
+    config = with_config_file(CloudConfig(port=7000), path)
+    assert config.port == 7000  # the flag
+    assert config.limits.max_streams == 7 and config.gallery_backend.vector_storage == "float32"
+    assert config.gallery_backend.index.large_kind == "hnsw" and config.gallery_backend.index.hnsw_ef_search == 512
+    assert with_config_file(CloudConfig(), path).port == 6000  # a flag left at its default: the file
+    path.write_text("gallery_backend: {index: {large_kind: annoy}}\n")
+    with pytest.raises(ValueError, match="cloud.yaml"):
+        with_config_file(CloudConfig(), path)
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        with_config_file(CloudConfig(), path)
