@@ -21,6 +21,7 @@ def _upgrade(args: argparse.Namespace) -> int:
     if not (args.gallery / "gallery.sqlite3").is_file():
         print(f"error: no gallery at {args.gallery} (gallery.sqlite3 not found)", file=sys.stderr)
         return 2
+    upgraded = False
     try:
         with Gallery(args.gallery) as gallery:
             if args.transform:
@@ -40,7 +41,26 @@ def _upgrade(args: argparse.Namespace) -> int:
             if args.dry_run:
                 print("dry run: nothing changed")
                 return 0
-            report = upgrade_gallery(gallery, upgrade)
+            # An admin change to biometric templates is audited as the service's are: the intent
+            # before the gallery commits, the outcome after; no audit log, no upgrade.
+            with AuditLog(args.audit_file or args.gallery / "audit.jsonl") as audit:
+                def record(outcome: str, counts: dict[str, int] | None = None) -> None:
+                    audit.record(principal=f"local:{getpass.getuser()}", peer="cli", call="admin:upgrade",
+                                 identity=None, outcome=outcome, counts=counts,
+                                 detail=f"{sources} -> {upgrade.target_model} by {upgrade.manifest.name}")
+
+                record("started")
+                try:
+                    report = upgrade_gallery(gallery, upgrade)
+                except (ManifestError, GalleryError):
+                    record("failed")
+                    raise
+                upgraded = True
+                record("ok", {"transformed": report.transformed, "native": report.native})
+    except AuditError as error:
+        done = "the upgrade is done but its outcome is not recorded" if upgraded else "nothing was upgraded"
+        print(f"error: the audit log cannot be written ({done}): {error}", file=sys.stderr)
+        return 2
     except (ManifestError, GalleryError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -50,14 +70,6 @@ def _upgrade(args: argparse.Namespace) -> int:
     print(f"serve it with:  facelink cloud serve --gallery {args.gallery} --recognizer {args.to}\n"
           "New enrollments store native templates; re-enrolling a person (replace) drops their transformed ones. "
           "`facelink cloud upgrade` again re-derives the transformed ones and keeps the native ones.")
-    try:
-        with AuditLog(args.audit_file or args.gallery / "audit.jsonl") as audit:
-            audit.record(principal=f"local:{getpass.getuser()}", peer="cli", call="admin:upgrade", identity=None,
-                         outcome="ok", counts={"transformed": report.transformed, "native": report.native},
-                         detail=f"{sources} -> {upgrade.target_model} by {upgrade.manifest.name}")
-    except AuditError as error:
-        print(f"warning: the upgrade is done but could not be recorded in the audit log: {error}", file=sys.stderr)
-        return 1
     return 0
 
 

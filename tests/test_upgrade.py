@@ -174,8 +174,10 @@ def test_cli_upgrade_dry_run_then_upgrade_and_audit(upgrade_path: Path, tmp_path
     assert "2 newrec@1 templates transformed from oldrec@1, 0 native" in out and "--recognizer" in out
     with Gallery(gallery_dir) as gallery:
         assert len(b_templates(gallery, "Ada")) == 2
-    record = json.loads((gallery_dir / "audit.jsonl").read_text().splitlines()[-1])
-    assert record["call"] == "admin:upgrade" and record["counts"] == {"transformed": 2, "native": 0}
+    intent, record = (json.loads(line) for line in (gallery_dir / "audit.jsonl").read_text().splitlines()[-2:])
+    assert (intent["call"], intent["outcome"]) == ("admin:upgrade", "started")  # written before the change
+    assert record["call"] == "admin:upgrade" and record["outcome"] == "ok"
+    assert record["counts"] == {"transformed": 2, "native": 0}
     assert record["identity"] is None  # an upgrade concerns everyone; no name is written
 
 
