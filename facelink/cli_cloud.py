@@ -109,9 +109,11 @@ def _add_serve(cmds: argparse._SubParsersAction) -> None:
         formatter_class=_FORMATTER,
         description="""\
 Serve facelink.v1 Recognition and Gallery and the standard gRPC health service. The gallery
-is a SQLite database in WAL mode under --gallery (files 0600); the search index is rebuilt
-from it at start. Several servers may share one gallery folder on one host (replicas see each
-other's changes within --replica-poll seconds; not over NFS). --gallery qdrant://HOST:6334
+is a SQLite database in WAL mode under --gallery (files 0600, float16 templates); its search
+index is exact below 50,000 templates a model and IVF above, saved beside it so a start reads
+it back (settings: --config cloud.yaml, docs/gallery-scale.md). Several servers may share
+one gallery folder on one host (replicas see each other's changes within --replica-poll
+seconds; not over NFS). --gallery qdrant://HOST:6334
 keeps it in a Qdrant cluster instead (qdrants:// for TLS, API key from $FACELINK_QDRANT_API_KEY
 or --gallery-api-key-file; docs/gallery.md), and any number of servers share it.
 
