@@ -225,8 +225,7 @@ def rss_mb() -> float:
 def probe(args: argparse.Namespace) -> int:
     """Open the gallery, time searches, enrollments and erasures; write what was seen as JSON."""
     import faiss
-    from facelink.cloud.gallery import Gallery, GalleryLimits
-    from facelink.cloud.gallery.snapshot import settings_with_index
+    from facelink.cloud.gallery import Gallery, GalleryLimits, GallerySettings
 
     faiss.omp_set_num_threads(1)
     spec = json.loads(Path(args.probe).read_text())
@@ -236,7 +235,7 @@ def probe(args: argparse.Namespace) -> int:
     # A million synthetic identities plus LFW's people pass GalleryLimits' default of 1,000,000.
     limits = GalleryLimits(max_identities=spec["identities"] + 10 * len(data["extra"]))
     g = Gallery(spec["folder"], limits,
-                settings=settings_with_index(index_config(spec["kind"], spec.get("ef_search"), spec.get("nprobe"))))
+                settings=GallerySettings(index=index_config(spec["kind"], spec.get("ef_search"), spec.get("nprobe"))))
     startup = time.perf_counter() - started
     loaded = g._indexes[spec["model"]]  # private: what the open loaded
     out: dict[str, Any] = {"startup_s": startup, "rss_mb": rss_mb(), "rss_before_open_mb": base_rss,
@@ -317,10 +316,9 @@ def run_probe(spec: dict[str, Any], work: Path, lock: bool) -> dict[str, Any]:
 
 def build(folder: Path, model: str, ef_search: int | None, kind: str = "hnsw") -> float:
     """The first HNSW (IVF) open: builds the index from the store and writes the snapshot (niced child)."""
-    code = ("import sys,time;from facelink.cloud.gallery import Gallery;"
-            "from facelink.cloud.gallery.snapshot import settings_with_index;"
+    code = ("import sys,time;from facelink.cloud.gallery import Gallery, GallerySettings;"
             "from facelink.benchmarks.gallery_scale import index_config;"
-            f"t=time.perf_counter();g=Gallery({str(folder)!r},settings=settings_with_index(index_config({kind!r},{ef_search!r})));"
+            f"t=time.perf_counter();g=Gallery({str(folder)!r},settings=GallerySettings(index=index_config({kind!r},{ef_search!r})));"
             "b=time.perf_counter()-t;g.close();print(b)")
     done = subprocess.run(["nice", "-n", "19", sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(done.stdout.strip().splitlines()[-1])

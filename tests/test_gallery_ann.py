@@ -17,13 +17,12 @@ import stat
 import faiss
 import numpy as np
 import pytest
-from facelink.cloud.gallery import Gallery
+from facelink.cloud.gallery import Gallery, GallerySettings
 from facelink.cloud.gallery.ann import FlatVectors, HNSWVectors, IVFVectors, storage_rows
 from facelink.cloud.gallery.index import EmbeddingIndex
 from facelink.cloud.gallery.snapshot import (
     HEADER_BYTES,
     read_snapshot,
-    settings_with_index,
     snapshot_path,
 )
 
@@ -47,7 +46,7 @@ def rng() -> np.random.Generator:
 
 
 def open_gallery(folder, config: GalleryIndexConfig = SMALL) -> Gallery:
-    return Gallery(folder, settings=settings_with_index(config))
+    return Gallery(folder, settings=GallerySettings(index=config))
 
 
 def enroll(g: Gallery, vectors: np.ndarray, start: int = 0) -> list[str]:

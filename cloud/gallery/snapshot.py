@@ -533,19 +533,3 @@ class Snapshots:
             discard(self.path(model_id))
             self.dirty.discard(model_id)
 
-
-def settings_with_index(config: GalleryIndexConfig, base: Any = None) -> Any:
-    """`base` (a `GallerySettings`, default one) carrying `config` as its `index` field, which
-    `Gallery` reads; a subclass adds the field where `GallerySettings` has none of its own."""
-    import dataclasses
-
-    from .backend import GallerySettings
-
-    base = base or GallerySettings()
-    if any(f.name == "index" for f in dataclasses.fields(base)):
-        return dataclasses.replace(base, index=config)
-    cls = dataclasses.make_dataclass(
-        "IndexedGallerySettings", [("index", GalleryIndexConfig, dataclasses.field(default=config))],
-        bases=(type(base),), frozen=True,
-    )
-    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, index=config)
